@@ -38,3 +38,45 @@ def real_tokenizers_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"MINI_TRAINER_TOKENIZERS={value} is not a directory")
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(args: list[str], nproc: int = 1, check: bool = True, extra_torchrun: list[str] | None = None):
+    """Runs train.py as users do: plain python for one process, torchrun (gloo on CPU) for several."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if nproc == 1 and not extra_torchrun:
+        command = [sys.executable, str(REPO_ROOT / "train.py"), *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                   *(extra_torchrun or ["--standalone"]), str(REPO_ROOT / "train.py"), *args]
+    result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        output = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{output}")
+    return result
+
+
+def write_tokenized_samples(path: Path, tokenizer, num_samples: int = 24, seed: int = 0) -> Path:
+    """Tokenized chat-like samples of varied length; the first third of each is masked, like a prompt."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = "the quick brown fox jumps over lazy dog what is two plus four capital of France Paris".split()
+    with open(path, "w") as f:
+        for _ in range(num_samples):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))
+            input_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            num_masked = len(input_ids) // 3
+            labels = [-100] * num_masked + input_ids[num_masked:]
+            f.write(json.dumps({"input_ids": input_ids, "labels": labels, "len": len(input_ids)}) + "\n")
+    return path

@@ -1,0 +1,694 @@
+"""Full fine-tuning of a Hugging Face causal LM with FSDP2, token-budget multipacking and padding-free attention.
+
+    torchrun --nproc-per-node=8 train.py --data-path tokenized.jsonl --model-name-or-path Qwen/Qwen2.5-1.5B-Instruct \
+        --output-dir out --batch-size 128 --max-tokens-per-gpu 16384 --learning-rate 6e-6 --num-warmup-steps 20
+
+Every optimizer step is mathematically one big batch on one device: the loss is the sum of cross-entropy over every
+loss token of the step, on all ranks and micro-batches, divided by the number of those tokens.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+from sampler import distribute_batch, epoch_batches
+from utils import InputError, atomic_directory, atomic_write, fail, iter_jsonl_lines, parse_json_line, print0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Defaults: edit them here, or override any of them on the command line (--batch-size 64 ...).
+@dataclass
+class TrainConfig:
+    data_path: str = field(default="", metadata={"help": "Tokenized JSONL written by process_data.py."})
+    model_name_or_path: str = field(default="", metadata={"help": "Hub id or local folder of the model to tune."})
+    output_dir: str = field(default="", metadata={"help": "Where checkpoints and metrics are written."})
+    batch_size: int = field(default=128, metadata={"help": "Samples per optimizer step, over all GPUs."})
+    max_tokens_per_gpu: int = field(default=16384, metadata={"help": "Token budget of one micro-batch on one GPU."})
+    learning_rate: float = field(default=6e-6, metadata={"help": "Peak learning rate of AdamW."})
+    num_warmup_steps: int = field(default=20, metadata={"help": "Steps of linear warmup from 0."})
+    lr_scheduler: str = field(
+        default="constant_with_warmup",
+        metadata={"help": "LR after warmup.", "choices": ["constant_with_warmup", "cosine", "linear"]},
+    )
+    num_epochs: int = field(default=1, metadata={"help": "Passes over the data."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this."})
+    min_samples_per_checkpoint: int = field(
+        default=10000, metadata={"help": "Save a Hugging Face checkpoint each time this many samples were seen."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the data order and of torch."})
+    use_liger_kernels: bool = field(default=False, metadata={"help": "Liger kernels and fused linear CE (GPU)."})
+    fsdp_sharding_strategy: str = field(
+        default="FULL_SHARD",
+        metadata={
+            "help": "FULL_SHARD: reshard after forward; SHARD_GRAD_OP: keep gathered until backward; "
+            "HYBRID_SHARD: shard within a node, replicate across nodes; NO_SHARD: replicate.",
+            "choices": ["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"],
+        },
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={"help": "Compute dtype (default: bf16 on GPU, fp32 on CPU).", "choices": ["bf16", "fp32"]},
+    )
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute each decoder layer in backward to save memory."}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel (default: flash_attention_2 if installed, else torch varlen on CUDA, "
+                  "else sdpa)."},
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Builds argparse from TrainConfig, so that the defaults above are the only ones."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            continue
+        value_type = {"int | None": int, "str | None": str}.get(str(f.type), f.type)
+        required = f.default == ""
+        parser.add_argument(
+            flag, type=value_type, default=None if required else f.default, required=required,
+            choices=f.metadata.get("choices"), help=help_text + ("" if required else f" (default: {f.default})"),
+        )
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed setup
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+
+def init_distributed() -> Dist:
+    """Joins torchrun's process group (or makes a one-process group when run with plain python)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return Dist(rank, local_rank, dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")), device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def fail_distributed(message: str) -> None:
+    """Every rank reaches the same verdict; rank 0 says it, and all leave the process group cleanly."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        raise SystemExit(1)
+    fail(message)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: process_data.py's JSONL, validated once and cached as flat arrays that every rank memory-maps.
+
+
+@dataclass
+class TokenizedData:
+    input_ids: np.ndarray  # all samples concatenated (int32)
+    labels: np.ndarray  # same layout; -100 where no loss
+    offsets: np.ndarray  # sample i is [offsets[i], offsets[i+1])
+    num_loss_tokens: np.ndarray  # per sample: labels that are predicted, i.e. labels[1:] != -100
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+def read_tokenized_jsonl(path: str, max_tokens_per_gpu: int, vocab_size: int) -> tuple[dict, dict]:
+    """Validates every line and returns the flat arrays plus counts of dropped samples by reason."""
+    ids_chunks, label_chunks, lengths, loss_counts = [], [], [], []
+    dropped = {"longer than --max-tokens-per-gpu": 0, "no trainable token": 0}
+    for line_number, line in iter_jsonl_lines(path):
+        record = parse_json_line(path, line_number, line)
+        if "input_ids" not in record or "labels" not in record:
+            hint = " (it looks like chat data: run process_data.py first)" if "messages" in record else ""
+            raise InputError(path, line_number, f"missing 'input_ids' or 'labels'{hint}")
+        input_ids, labels = record["input_ids"], record["labels"]
+        if not isinstance(input_ids, list) or not isinstance(labels, list) or len(input_ids) != len(labels):
+            raise InputError(path, line_number, "'input_ids' and 'labels' must be lists of the same length")
+        if not input_ids:
+            raise InputError(path, line_number, "empty 'input_ids'")
+        try:
+            ids_array = np.asarray(input_ids, dtype=np.int64)
+            labels_array = np.asarray(labels, dtype=np.int64)
+        except (TypeError, ValueError):
+            raise InputError(path, line_number, "'input_ids' and 'labels' must hold integers") from None
+        if ids_array.min() < 0 or ids_array.max() >= vocab_size:
+            raise InputError(path, line_number, f"token id out of the model's vocabulary (size {vocab_size})")
+        bad_labels = (labels_array != -100) & ((labels_array < 0) | (labels_array >= vocab_size))
+        if bad_labels.any():
+            raise InputError(path, line_number, f"label out of the model's vocabulary (size {vocab_size}) "
+                             "and not -100")
+        if len(ids_array) > max_tokens_per_gpu:
+            dropped["longer than --max-tokens-per-gpu"] += 1
+            continue
+        num_loss_tokens = int((labels_array[1:] != -100).sum())
+        if num_loss_tokens == 0:
+            dropped["no trainable token"] += 1
+            continue
+        ids_chunks.append(ids_array.astype(np.int32))
+        label_chunks.append(labels_array.astype(np.int32))
+        lengths.append(len(ids_array))
+        loss_counts.append(num_loss_tokens)
+    arrays = {
+        "input_ids": np.concatenate(ids_chunks) if ids_chunks else np.zeros(0, np.int32),
+        "labels": np.concatenate(label_chunks) if label_chunks else np.zeros(0, np.int32),
+        "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        "num_loss_tokens": np.asarray(loss_counts, dtype=np.int64),
+    }
+    return arrays, dropped
+
+
+def load_data(config: TrainConfig, vocab_size: int, d: Dist) -> TokenizedData:
+    """One process per node validates the JSONL and writes the cache; then every rank memory-maps it.
+
+    Memory-mapping keeps host memory flat in the number of ranks: each rank touches only the samples it packs.
+    """
+    stat = os.stat(config.data_path)
+    key = "|".join(map(str, (os.path.abspath(config.data_path), stat.st_size, stat.st_mtime_ns,
+                             config.max_tokens_per_gpu, vocab_size)))
+    cache_dir = Path(config.output_dir) / ".data_cache" / hashlib.sha1(key.encode()).hexdigest()[:16]
+    error = None
+    if d.local_rank == 0 and not (cache_dir / "dropped.json").exists():
+        try:
+            arrays, dropped = read_tokenized_jsonl(config.data_path, config.max_tokens_per_gpu, vocab_size)
+            with atomic_directory(cache_dir) as tmp:
+                for name, array in arrays.items():
+                    np.save(tmp / f"{name}.npy", array)
+                (tmp / "dropped.json").write_text(json.dumps(dropped))
+        except (InputError, OSError) as e:
+            error = str(e)
+    errors = [None] * d.world_size
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        fail_distributed(next(e for e in errors if e))
+    data = TokenizedData(**{name: np.load(cache_dir / f"{name}.npy", mmap_mode="r")
+                            for name in ("input_ids", "labels", "offsets", "num_loss_tokens")})
+    for reason, count in json.loads((cache_dir / "dropped.json").read_text()).items():
+        if count:
+            print0(f"dropped {count} samples: {reason}")
+    return data
+
+
+@dataclass
+class MicroBatch:
+    """One packed row: samples concatenated, positions restarting at 0, no padding."""
+
+    input_ids: torch.Tensor  # (1, T)
+    position_ids: torch.Tensor  # (1, T)
+    loss_positions: torch.Tensor  # (N,) indices into the row of tokens that predict a label
+    loss_targets: torch.Tensor  # (N,) the label each of those positions predicts
+    cu_seqlens: torch.Tensor  # (num_samples + 1,) int32, for variable-length attention
+    max_seqlen: int
+    num_tokens: int
+
+
+def pack_micro_batch(data: TokenizedData, sample_ids: list[int], device: torch.device) -> MicroBatch:
+    """Packs samples into one row. Labels are shifted within each sample, so a sample's last token never
+    predicts the next sample's first token. An empty list gives a one-token row with no loss (a rank with
+    fewer samples still runs every micro-batch, since FSDP's collectives must match)."""
+    if not sample_ids:
+        ids, positions, targets, lengths = np.zeros(1, np.int64), np.zeros(1, np.int64), np.full(1, -100), [1]
+    else:
+        spans = [(int(data.offsets[i]), int(data.offsets[i + 1])) for i in sample_ids]
+        lengths = [end - start for start, end in spans]
+        ids = np.concatenate([data.input_ids[start:end] for start, end in spans]).astype(np.int64)
+        positions = np.concatenate([np.arange(length) for length in lengths])
+        targets = np.concatenate([np.append(data.labels[start + 1:end], -100) for start, end in spans])
+    loss_positions = np.flatnonzero(targets != -100)
+    to_device = lambda a, dtype=torch.long: torch.as_tensor(a, dtype=dtype).to(device, non_blocking=True)  # noqa: E731
+    return MicroBatch(
+        input_ids=to_device(ids)[None],
+        position_ids=to_device(positions)[None],
+        loss_positions=to_device(loss_positions),
+        loss_targets=to_device(targets[loss_positions]),
+        cu_seqlens=to_device(np.concatenate([[0], np.cumsum(lengths)]), torch.int32),
+        max_seqlen=int(max(lengths)),
+        num_tokens=int(sum(lengths)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention: packed samples never see each other.
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function on torch's varlen flash attention, fed with the micro-batch's
+    cumulative sequence lengths (passed as forward kwargs cu_seq_lens_q / max_length_q)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    # (1, heads, T, dim) -> (T, heads, dim)
+    q, k, v = (x.squeeze(0).transpose(0, 1) for x in (query, key, value))
+    if k.shape[1] != q.shape[1]:
+        repeats = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    cu_seqlens, max_seqlen = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling,
+                      **VARLEN_CAUSAL_KWARGS)
+    return out.unsqueeze(0), None
+
+
+def _varlen_causal_kwargs() -> dict:
+    """torch 2.9-2.11 take is_causal=True; newer releases take a (left, right) window instead."""
+    import inspect
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return {}
+    params = inspect.signature(varlen_attn).parameters
+    return {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+
+
+VARLEN_CAUSAL_KWARGS = _varlen_causal_kwargs()
+
+
+def choose_attn_implementation(requested: str | None, device: torch.device) -> str:
+    """Best available kernel that isolates packed samples; registers torch varlen as "varlen"."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("varlen", varlen_attention_forward)
+    if requested:
+        return requested
+    if device.type != "cuda":
+        return "sdpa"  # packed samples are isolated from position_ids when there is no attention_mask
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "varlen" if VARLEN_CAUSAL_KWARGS else "sdpa"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loss: summed cross-entropy over the positions that have a label, never materializing the full fp32 logits.
+
+
+def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              softcap: float | None, chunk_size: int = 4096) -> torch.Tensor:
+    """Sum of CE over rows of `hidden`, one chunk of logits at a time; each chunk is recomputed in backward."""
+
+    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = (h @ weight.T).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, t, reduction="sum")
+
+    total = hidden.sum() * 0.0  # keeps the graph whole when there is no loss token
+    for start in range(0, hidden.shape[0], chunk_size):
+        end = start + chunk_size
+        total = total + checkpoint(chunk_loss, hidden[start:end], targets[start:end], use_reentrant=False)
+    return total
+
+
+class CausalLMWithSummedLoss(torch.nn.Module):
+    """Wraps a Hugging Face causal LM so that its forward returns the summed CE of a packed micro-batch.
+
+    Being the FSDP root, it gathers the embeddings and LM head (tied or not) for the loss as well.
+    """
+
+    def __init__(self, model: torch.nn.Module, use_liger: bool):
+        super().__init__()
+        self.model = model
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.liger_loss = None
+        if use_liger:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            # reduction="sum": its "none" reduction had gradient bugs.
+            self.liger_loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=self.softcap)
+
+    def forward(self, batch: MicroBatch) -> torch.Tensor:
+        decoder = getattr(self.model, self.model.base_model_prefix)
+        hidden = decoder(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+            cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
+            max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen,
+        ).last_hidden_state
+        hidden = hidden.view(-1, hidden.shape[-1]).index_select(0, batch.loss_positions)
+        weight = self.model.get_output_embeddings().weight
+        if self.liger_loss is not None and batch.loss_positions.numel() > 0:
+            return self.liger_loss(weight, hidden, batch.loss_targets)
+        return chunked_cross_entropy_sum(hidden, weight, batch.loss_targets, self.softcap)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model setup, one function per concern, applied in this order: load -> liger -> activation checkpointing -> FSDP.
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    decoder = getattr(model, model.base_model_prefix)
+    for name in ("layers", "h", "blocks"):
+        if isinstance(getattr(decoder, name, None), torch.nn.ModuleList):
+            return getattr(decoder, name)
+    raise ValueError(f"cannot find the list of decoder layers of {type(model).__name__}")
+
+
+def load_model(config: TrainConfig, attn_implementation: str, d: Dist):
+    """Rank 0 reads the weights; every other rank builds an empty (meta) model and receives its shards
+    after sharding, so a large model is never held N times in host memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(config.model_name_or_path)
+    model_config._attn_implementation = attn_implementation
+    if d.rank == 0:
+        source = AutoModelForCausalLM.from_pretrained(
+            config.model_name_or_path, config=model_config, dtype=torch.float32,
+        )
+        full_state_dict = source.state_dict()
+        buffers = dict(source.named_buffers())
+    else:
+        full_state_dict, buffers = {}, {}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    return model, full_state_dict, buffers
+
+
+def apply_liger(model: torch.nn.Module) -> None:
+    """Liger's RMSNorm, SwiGLU and RoPE kernels; the loss is handled by CausalLMWithSummedLoss."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recomputes each decoder layer in backward (transformers renamed the method in 5.2x)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build_mesh(strategy: str, d: Dist) -> DeviceMesh:
+    """1-D mesh for FULL_SHARD/SHARD_GRAD_OP; 2-D (replicate, shard) for HYBRID_SHARD and NO_SHARD."""
+    device_type = d.device.type
+    if strategy == "HYBRID_SHARD":
+        num_nodes = d.world_size // d.local_world_size
+        return init_device_mesh(device_type, (num_nodes, d.local_world_size), mesh_dim_names=("replicate", "shard"))
+    if strategy == "NO_SHARD":
+        return init_device_mesh(device_type, (d.world_size, 1), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device_type, (d.world_size,), mesh_dim_names=("shard",))
+
+
+def apply_fsdp(wrapper: CausalLMWithSummedLoss, strategy: str, compute_dtype: torch.dtype, d: Dist) -> None:
+    """fully_shard on each decoder layer, then the root (which keeps embeddings and LM head, tied or not).
+
+    Master weights stay fp32; compute runs in `compute_dtype`; gradients are reduced in fp32.
+    """
+    mesh = build_mesh(strategy, d)
+    mp_policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    reshard_after_forward = strategy != "SHARD_GRAD_OP"
+    for layer in decoder_layers(wrapper.model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(wrapper, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+
+
+def materialize_weights(wrapper: CausalLMWithSummedLoss, full_state_dict: dict, buffers: dict, d: Dist) -> None:
+    """Allocates the sharded parameters and fills them from rank 0's full state dict."""
+    model = wrapper.model
+    model.to_empty(device=d.device)
+    set_model_state_dict(model, full_state_dict,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():  # non-persistent buffers such as RoPE's inv_freq
+        if d.rank == 0:
+            buffer.copy_(buffers[name].to(d.device))
+        dist.broadcast(buffer, src=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def lr_factor(step: int, num_warmup_steps: int, total_steps: int, scheduler: str) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based).
+
+    Warmup rises linearly from 0: step / num_warmup_steps. Then constant, or cosine / linear decay that
+    reaches 0 at the last step (total_steps - 1).
+    """
+    if step < num_warmup_steps:
+        return step / num_warmup_steps
+    if scheduler == "constant_with_warmup":
+        return 1.0
+    decay_steps = max(1, total_steps - 1 - num_warmup_steps)
+    progress = min(1.0, (step - num_warmup_steps) / decay_steps)
+    if scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if scheduler == "linear":
+        return 1.0 - progress
+    raise ValueError(f"unknown lr scheduler {scheduler}")
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                             weight_decay=config.weight_decay, fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def matmul_params(model_config) -> int:
+    """Parameters that take part in a matmul per token: every linear layer plus the LM head."""
+    hidden = model_config.hidden_size
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * hidden * model_config.intermediate_size
+    return model_config.num_hidden_layers * (attention + mlp) + hidden * model_config.vocab_size
+
+
+def step_flops(model_config, sample_lengths: np.ndarray) -> float:
+    """Model FLOPs of one training step (forward + backward): 6 per matmul parameter per token, plus causal
+    attention, 6 * layers * hidden * len^2 per sample (QK^T and AV, 2 FLOPs each per pair, halved by the mask,
+    times 3 for forward and backward)."""
+    num_tokens = float(sample_lengths.sum())
+    attention = 6.0 * model_config.num_hidden_layers * model_config.hidden_size * float((sample_lengths ** 2).sum())
+    return 6.0 * matmul_params(model_config) * num_tokens + attention
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the GPU from its datasheet, or None where unknown (then MFU is not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_hf_checkpoint(wrapper: CausalLMWithSummedLoss, tokenizer, config: TrainConfig, samples_seen: int,
+                       d: Dist) -> Path:
+    """Gathers the full weights to CPU on rank 0 and writes them in Hugging Face format, in the model's original
+    dtype, into a temporary folder renamed at the end: a crash never leaves a half checkpoint."""
+    model = wrapper.model
+    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    path = Path(config.output_dir) / "hf_format" / f"samples_{samples_seen}"
+    if d.rank == 0:
+        save_dtype = getattr(model.config, "dtype", None) or torch.float32
+        if isinstance(save_dtype, str):
+            save_dtype = getattr(torch, save_dtype)
+        state_dict = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        with atomic_directory(path) as tmp:
+            model.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        print0(f"saved {path}")
+    dist.barrier()
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def validate(config: TrainConfig) -> list[str]:
+    """Every problem with the arguments at once, each with what to do."""
+    problems = []
+    if not os.path.isfile(config.data_path):
+        problems.append(f"--data-path {config.data_path} does not exist")
+    for name in ("batch_size", "max_tokens_per_gpu", "num_epochs", "min_samples_per_checkpoint"):
+        if getattr(config, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    if config.num_warmup_steps < 0:
+        problems.append("--num-warmup-steps must be 0 or more")
+    if config.max_steps is not None and config.max_steps < 1:
+        problems.append("--max-steps must be at least 1")
+    return problems
+
+
+def train_step(wrapper, optimizer, scheduler, data: TokenizedData, plan: list[list[list[int]]], config: TrainConfig,
+               d: Dist) -> dict:
+    """One optimizer step over one global batch, split by `plan` into ranks and micro-batches."""
+    all_ids = [i for rank_plan in plan for micro in rank_plan for i in micro]
+    num_loss_tokens = int(data.num_loss_tokens[all_ids].sum())
+    loss_scale = d.world_size / num_loss_tokens  # FSDP averages gradients over ranks; we want the global sum
+    loss_sum = torch.zeros((), device=d.device)
+    for sample_ids in plan[d.rank]:
+        batch = pack_micro_batch(data, sample_ids, d.device)
+        ce_sum = wrapper(batch)
+        (ce_sum * loss_scale).backward()
+        loss_sum += ce_sum.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), config.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    dist.all_reduce(loss_sum)
+    return {
+        "loss": loss_sum.item() / num_loss_tokens,
+        "grad_norm": grad_norm.item(),
+        "lr": lr,
+        "num_samples": len(all_ids),
+        "num_loss_tokens": num_loss_tokens,
+        "num_tokens": int(data.lengths[all_ids].sum()),
+        "micro_batches": len(plan[d.rank]),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    problems = validate(config)
+    if problems:
+        fail("\n  ".join(["invalid arguments:", *problems]))
+    d = init_distributed()
+    torch.manual_seed(config.seed)
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    # Data
+    model_config = AutoConfig.from_pretrained(config.model_name_or_path)
+    data = load_data(config, model_config.vocab_size, d)
+    if len(data) == 0:
+        fail_distributed(f"{config.data_path}: no usable sample (empty file, or every sample was dropped)")
+    if config.batch_size > len(data):
+        fail_distributed(f"--batch-size {config.batch_size} is larger than the dataset "
+                         f"({len(data)} usable samples); lower it")
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    total_steps = steps_per_epoch * config.num_epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    # Model
+    compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[config.dtype or
+                                                                    ("bf16" if d.device.type == "cuda" else "fp32")]
+    attn_implementation = choose_attn_implementation(config.attn_implementation, d.device)
+    model, full_state_dict, buffers = load_model(config, attn_implementation, d)
+    if config.use_liger_kernels:
+        apply_liger(model)
+    if config.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    wrapper = CausalLMWithSummedLoss(model, config.use_liger_kernels)
+    apply_fsdp(wrapper, config.fsdp_sharding_strategy, compute_dtype, d)
+    materialize_weights(wrapper, full_state_dict, buffers, d)
+    del full_state_dict, buffers
+    tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path) if d.rank == 0 else None
+    print0(f"model {config.model_name_or_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+           f"attention {attn_implementation}, compute {compute_dtype}, {d.world_size} ranks, "
+           f"{config.fsdp_sharding_strategy}")
+
+    # Optimizer
+    optimizer = build_optimizer(wrapper, config, d.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, config.num_warmup_steps, total_steps, config.lr_scheduler))
+
+    # Loop
+    output_dir = Path(config.output_dir)
+    if d.rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(output_dir / "training_params.json") as f:
+            json.dump({**dataclasses.asdict(config), "world_size": d.world_size, "total_steps": total_steps,
+                       "num_samples": len(data), "attn_implementation": attn_implementation}, f, indent=2)
+    metrics_file = open(output_dir / "training_metrics.jsonl", "a") if d.rank == 0 else None  # noqa: SIM115
+    peak_flops = device_peak_flops(d.device)
+    progress = tqdm(total=total_steps, disable=d.rank != 0, desc="train")
+    step, samples_seen, samples_at_last_save, start_time = 0, 0, 0, time.time()
+    for epoch in range(config.num_epochs):
+        for batch_ids in epoch_batches(len(data), config.batch_size, config.seed, epoch):
+            if step >= total_steps:
+                break
+            step_start = time.time()
+            plan = distribute_batch(batch_ids, data.lengths, d.world_size, config.max_tokens_per_gpu)
+            metrics = train_step(wrapper, optimizer, scheduler, data, plan, config, d)
+            step += 1
+            samples_seen += metrics["num_samples"]
+            step_time = time.time() - step_start
+            flops = step_flops(model_config, data.lengths[batch_ids])
+            metrics.update(
+                step=step, epoch=epoch, tokens_per_second=metrics["num_tokens"] / step_time,
+                mfu=flops / step_time / (peak_flops * d.world_size) if peak_flops else None,
+                peak_memory_gb=torch.cuda.max_memory_allocated(d.device) / 1e9 if d.device.type == "cuda" else None,
+                elapsed_s=time.time() - start_time,
+            )
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(metrics) + "\n")
+                metrics_file.flush()
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+            progress.update(1)
+            if samples_seen - samples_at_last_save >= config.min_samples_per_checkpoint:
+                save_hf_checkpoint(wrapper, tokenizer, config, samples_seen, d)
+                samples_at_last_save = samples_seen
+    progress.close()
+    if samples_seen != samples_at_last_save:
+        save_hf_checkpoint(wrapper, tokenizer, config, samples_seen, d)
+    if metrics_file is not None:
+        metrics_file.close()
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
