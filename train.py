@@ -286,17 +286,16 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
 
     # (1, heads, T, dim) -> (T, heads, dim)
     q, k, v = (x.squeeze(0).transpose(0, 1) for x in (query, key, value))
-    if k.shape[1] != q.shape[1]:
+    if k.shape[1] != q.shape[1] and "enable_gqa" not in VARLEN_KWARGS:
         repeats = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
     cu_seqlens, max_seqlen = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
-    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling,
-                      **VARLEN_CAUSAL_KWARGS)
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling, **VARLEN_KWARGS)
     return out.unsqueeze(0), None
 
 
-def _varlen_causal_kwargs() -> dict:
-    """torch 2.9-2.11 take is_causal=True; newer releases take a (left, right) window instead."""
+def _varlen_kwargs() -> dict:
+    """torch 2.9-2.11 take is_causal=True; newer releases take a (left, right) window and can share KV heads."""
     import inspect
 
     try:
@@ -304,10 +303,13 @@ def _varlen_causal_kwargs() -> dict:
     except ImportError:
         return {}
     params = inspect.signature(varlen_attn).parameters
-    return {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    kwargs = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    return kwargs
 
 
-VARLEN_CAUSAL_KWARGS = _varlen_causal_kwargs()
+VARLEN_KWARGS = _varlen_kwargs()
 
 
 def choose_attn_implementation(requested: str | None, device: torch.device) -> str:
@@ -323,7 +325,7 @@ def choose_attn_implementation(requested: str | None, device: torch.device) -> s
 
     if importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "varlen" if VARLEN_CAUSAL_KWARGS else "sdpa"
+    return "varlen" if VARLEN_KWARGS else "sdpa"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -397,6 +399,7 @@ def load_model(config: TrainConfig, attn_implementation: str, d: Dist):
 
     model_config = AutoConfig.from_pretrained(config.model_name_or_path)
     model_config._attn_implementation = attn_implementation
+    original_dtype = model_config.dtype or torch.float32  # checkpoints are saved back in it
     if d.rank == 0:
         source = AutoModelForCausalLM.from_pretrained(
             config.model_name_or_path, config=model_config, dtype=torch.float32,
@@ -407,6 +410,7 @@ def load_model(config: TrainConfig, attn_implementation: str, d: Dist):
         full_state_dict, buffers = {}, {}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    model.config.dtype = original_dtype  # the training copy is fp32; config.dtype only says how to save
     return model, full_state_dict, buffers
 
 
@@ -537,12 +541,14 @@ def save_hf_checkpoint(wrapper: CausalLMWithSummedLoss, tokenizer, config: Train
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     path = Path(config.output_dir) / "hf_format" / f"samples_{samples_seen}"
     if d.rank == 0:
-        save_dtype = getattr(model.config, "dtype", None) or torch.float32
+        save_dtype = model.config.dtype
         if isinstance(save_dtype, str):
             save_dtype = getattr(torch, save_dtype)
         state_dict = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         with atomic_directory(path) as tmp:
             model.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")
+            model.config.dtype = save_dtype  # save_pretrained wrote the fp32 training copy's dtype
+            model.config.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         print0(f"saved {path}")

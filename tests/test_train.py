@@ -98,6 +98,20 @@ def test_architectures_train_a_step(tmp_path, tiny_tokenizer, arch):
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf_format" / "samples_16")
 
 
+def test_checkpoint_keeps_the_original_dtype(tmp_path, tiny_model_dir, tiny_tokenizer):
+    model_dir = tmp_path / "bf16-model"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    data = write_tokenized_samples(tmp_path / "data.jsonl", tiny_tokenizer, num_samples=4)
+    run_train(base_args(data, model_dir, tmp_path / "run", "--batch-size", "4", "--max-tokens-per-gpu", "128"))
+    checkpoint = tmp_path / "run" / "hf_format" / "samples_4"
+    assert json.loads((checkpoint / "config.json").read_text())["dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(checkpoint / "model.safetensors", "pt") as f:
+        assert all(f.get_tensor(name).dtype == torch.bfloat16 for name in f.keys())
+
+
 def test_untokenized_input_says_run_process_data(tmp_path, tiny_model_dir):
     data = tmp_path / "chats.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")

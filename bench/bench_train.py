@@ -1,0 +1,125 @@
+"""Tokens/s, MFU and peak memory of train.py on one GPU, on a synthetic chat-like workload.
+
+    python bench/bench_train.py --use-liger-kernels                # Qwen2.5-1.5B shape, 16k tokens per micro-batch
+    python bench/bench_train.py --model tiny --max-steps 5         # a quick check of the script itself
+
+The workload is deterministic: 6000 samples with lognormal lengths (median 600, mean about 820) clipped to
+24..8192, the first 35% of each sample masked, random token ids. The model is a random init of the Qwen2.5-1.5B
+config, saved in bf16 and trained by train.py itself (same code path as a user's run). MFU counts model FLOPs
+(train.step_flops: 6 x matmul parameters incl. the LM head per token, plus causal attention) over the bf16
+matmul peak measured in the same process with an 8192^3 product.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train  # noqa: E402
+
+QWEN25_15B = dict(
+    model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+    num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=32768,
+    rope_theta=1000000.0, rms_norm_eps=1e-6,
+)
+TINY = dict(model_type="qwen2", vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+
+
+def write_workload(path: Path, num_samples: int, vocab_size: int, seed: int = 0) -> np.ndarray:
+    """process_data.py-style JSONL: lognormal lengths (median 600, mean ~820), first 35% of each sample masked."""
+    rng = np.random.default_rng(seed)
+    sigma = math.sqrt(2 * math.log(820 / 600))  # lognormal mean = median * exp(sigma^2 / 2)
+    lengths = np.clip(rng.lognormal(math.log(600), sigma, num_samples).astype(int), 24, 8192)
+    with open(path, "w") as f:
+        for length in lengths:
+            input_ids = rng.integers(0, vocab_size, length).tolist()
+            num_masked = int(0.35 * length)
+            labels = [-100] * num_masked + input_ids[num_masked:]
+            f.write(json.dumps({"input_ids": input_ids, "labels": labels, "len": int(length)}) + "\n")
+    return lengths
+
+
+def measure_matmul_peak(device: torch.device) -> float:
+    """bf16 FLOP/s of an 8192^3 matmul on random data, median of 20 after warm-up."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["qwen2.5-1.5b", "tiny"], default="qwen2.5-1.5b")
+    parser.add_argument("--num-samples", type=int, default=6000)
+    parser.add_argument("--max-tokens-per-gpu", type=int, default=16384)
+    parser.add_argument("--batch-size", type=int, default=16, help="Samples per step (16 fill about one 16k row).")
+    parser.add_argument("--max-steps", type=int, default=40)
+    parser.add_argument("--warmup-steps", type=int, default=5, help="Steps left out of the timing.")
+    parser.add_argument("--work-dir", default=None, help="Where data, model and run go (default: a temp folder).")
+    parser.add_argument("--label", default="", help="Name of this configuration in the printed table.")
+    args, train_args = parser.parse_known_args()
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_train_"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config_kwargs = QWEN25_15B if args.model == "qwen2.5-1.5b" else TINY
+    model_dir = work_dir / f"model-{args.model}"
+    if not (model_dir / "config.json").exists():
+        model_config = AutoConfig.for_model(**config_kwargs, dtype="bfloat16")
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16).save_pretrained(model_dir)
+    data_path = work_dir / f"data-{args.num_samples}.jsonl"
+    if not data_path.exists():
+        write_workload(data_path, args.num_samples, config_kwargs["vocab_size"])
+
+    output_dir = work_dir / f"run-{int(time.time() * 1000)}"
+    train.main([
+        "--data-path", str(data_path), "--model-name-or-path", str(model_dir), "--output-dir", str(output_dir),
+        "--batch-size", str(args.batch_size), "--max-tokens-per-gpu", str(args.max_tokens_per_gpu),
+        "--max-steps", str(args.max_steps), "--num-warmup-steps", "2", "--learning-rate", "1e-5",
+        "--min-samples-per-checkpoint", str(10**9), *train_args,
+    ])
+    metrics = [json.loads(line) for line in open(output_dir / "training_metrics.jsonl")]
+    timed = metrics[args.warmup_steps:]
+    seconds = sum(m["num_tokens"] / m["tokens_per_second"] for m in timed)
+    tokens_per_second = sum(m["num_tokens"] for m in timed) / seconds
+    result = dict(label=args.label or " ".join(train_args), tokens_per_second=round(tokens_per_second))
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        measured_peak = measure_matmul_peak(device)
+        # metrics' mfu is against the datasheet peak; convert it to the measured one, weighting steps by time
+        mfu = sum(m["mfu"] * m["num_tokens"] / m["tokens_per_second"] for m in timed) / seconds
+        result.update(
+            device=torch.cuda.get_device_name(device), measured_matmul_tflops=round(measured_peak / 1e12, 1),
+            mfu_vs_measured_peak=round(mfu * train.device_peak_flops(device) / measured_peak, 4),
+            mfu_vs_datasheet=round(mfu, 4), peak_memory_gb=round(max(m["peak_memory_gb"] for m in metrics), 2),
+        )
+    result.update(
+        timed_steps=len(timed),
+        micro_batches_per_step=round(statistics.mean(m["micro_batches"] for m in timed), 2),
+        final_loss=round(metrics[-1]["loss"], 4), first_loss=round(metrics[0]["loss"], 4),
+    )
+    print("BENCH " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
