@@ -411,6 +411,8 @@ def load_model(config: TrainConfig, attn_implementation: str, d: Dist):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     model.config.dtype = original_dtype  # the training copy is fp32; config.dtype only says how to save
+    if d.rank == 0:  # rank 0 saves checkpoints: keep the model's own sampling defaults and stop tokens
+        model.generation_config = source.generation_config
     return model, full_state_dict, buffers
 
 

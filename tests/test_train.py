@@ -98,14 +98,18 @@ def test_architectures_train_a_step(tmp_path, tiny_tokenizer, arch):
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf_format" / "samples_16")
 
 
-def test_checkpoint_keeps_the_original_dtype(tmp_path, tiny_model_dir, tiny_tokenizer):
+def test_checkpoint_keeps_the_original_dtype_and_generation_config(tmp_path, tiny_model_dir, tiny_tokenizer):
     model_dir = tmp_path / "bf16-model"
-    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(model_dir)
+    source = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    source.generation_config.update(do_sample=True, temperature=0.3, top_p=0.7, eos_token_id=[2, 0])
+    source.save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
     data = write_tokenized_samples(tmp_path / "data.jsonl", tiny_tokenizer, num_samples=4)
     run_train(base_args(data, model_dir, tmp_path / "run", "--batch-size", "4", "--max-tokens-per-gpu", "128"))
     checkpoint = tmp_path / "run" / "hf_format" / "samples_4"
     assert json.loads((checkpoint / "config.json").read_text())["dtype"] == "bfloat16"
+    generation_config = json.loads((checkpoint / "generation_config.json").read_text())
+    assert generation_config["temperature"] == 0.3 and generation_config["eos_token_id"] == [2, 0]
     from safetensors import safe_open
 
     with safe_open(checkpoint / "model.safetensors", "pt") as f:

@@ -152,6 +152,10 @@ def test_every_split_gives_the_same_step(tmp_path, tiny_model_dir, equivalence_d
         "ws1_one_micro_batch": one_step(tmp_path, "a", tiny_model_dir, equivalence_data, 1, 4096),
         "ws1_many_micro_batches": one_step(tmp_path, "b", tiny_model_dir, equivalence_data, 1, 48),
         "ws2": one_step(tmp_path, "c", tiny_model_dir, equivalence_data, 2, 64),
+        "ws2_shard_grad_op": one_step(tmp_path, "d", tiny_model_dir, equivalence_data, 2, 64,
+                                      ["--fsdp-sharding-strategy", "SHARD_GRAD_OP"]),
+        "ws2_no_shard": one_step(tmp_path, "e", tiny_model_dir, equivalence_data, 2, 64,
+                                 ["--fsdp-sharding-strategy", "NO_SHARD"]),
     }
     assert runs["ws1_one_micro_batch"][0]["micro_batches"] == 1
     assert runs["ws1_many_micro_batches"][0]["micro_batches"] > 3
