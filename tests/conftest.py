@@ -80,3 +80,18 @@ def write_tokenized_samples(path: Path, tokenizer, num_samples: int = 24, seed: 
             labels = [-100] * num_masked + input_ids[num_masked:]
             f.write(json.dumps({"input_ids": input_ids, "labels": labels, "len": len(input_ids)}) + "\n")
     return path
+
+
+def trained_runs(tokenizer, input_ids, labels) -> list[str]:
+    """Decoded text of each maximal run of trained tokens."""
+    runs, run = [], []
+    for token_id, label in zip(input_ids, labels, strict=True):
+        if label != -100:
+            assert label == token_id
+            run.append(token_id)
+        elif run:
+            runs.append(tokenizer.decode(run))
+            run = []
+    if run:
+        runs.append(tokenizer.decode(run))
+    return runs

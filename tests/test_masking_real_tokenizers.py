@@ -9,9 +9,10 @@ import functools
 import json
 
 import pytest
+from conftest import trained_runs
 
 import process_data
-from process_data import IGNORE_INDEX, probe_template, tokenize_sample
+from process_data import probe_template, tokenize_sample
 
 LOADABLE = ["qwen2.5-instruct", "qwen3", "mistral-7b-instruct-v0.3", "smollm2-instruct", "tinyllama-1.1b-chat-v1.0"]
 
@@ -76,18 +77,6 @@ def family(request, real_tokenizers_dir):
     return request.param, _load(str(real_tokenizers_dir), request.param)
 
 
-def trained_runs(tokenizer, input_ids, labels) -> list[str]:
-    runs, run = [], []
-    for token_id, label in zip(input_ids, labels, strict=True):
-        if label != IGNORE_INDEX:
-            assert label == token_id
-            run.append(token_id)
-        elif run:
-            runs.append(tokenizer.decode(run))
-            run = []
-    if run:
-        runs.append(tokenizer.decode(run))
-    return runs
 
 
 def check(name, tokenizer, messages) -> list[str]:

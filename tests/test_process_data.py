@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import trained_runs
 
 import process_data
 from process_data import IGNORE_INDEX, MaskingError, probe_template, tokenize_sample
@@ -16,19 +17,6 @@ EOT = "<|im_end|>"
 TOOL_CALL = {"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 
 
-def trained_runs(tokenizer, input_ids, labels) -> list[str]:
-    """Decoded text of each maximal run of trained tokens."""
-    runs, run = [], []
-    for token_id, label in zip(input_ids, labels, strict=True):
-        if label != IGNORE_INDEX:
-            assert label == token_id
-            run.append(token_id)
-        elif run:
-            runs.append(tokenizer.decode(run))
-            run = []
-    if run:
-        runs.append(tokenizer.decode(run))
-    return runs
 
 
 def tokenize(tokenizer, messages):
