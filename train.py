@@ -574,6 +574,8 @@ def validate(config: TrainConfig) -> list[str]:
         problems.append("--num-warmup-steps must be 0 or more")
     if config.max_steps is not None and config.max_steps < 1:
         problems.append("--max-steps must be at least 1")
+    if config.use_liger_kernels and not torch.cuda.is_available():
+        problems.append("--use-liger-kernels needs a CUDA GPU (Liger's kernels are Triton); leave it out on CPU")
     return problems
 
 

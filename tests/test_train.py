@@ -132,11 +132,13 @@ def test_empty_file_is_a_clear_error(tmp_path, tiny_model_dir):
     assert result.returncode != 0 and "no usable sample" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_missing_data_path_is_a_clear_error(tmp_path, tiny_model_dir):
-    result = run_train(base_args(tmp_path / "nope.jsonl", tiny_model_dir, tmp_path / "run", "--batch-size", "0"),
-                       check=False)
-    assert result.returncode != 0
+def test_argument_problems_are_reported_together(tmp_path, tiny_model_dir):
+    result = run_train(base_args(tmp_path / "nope.jsonl", tiny_model_dir, tmp_path / "run", "--batch-size", "0",
+                                 "--use-liger-kernels"), check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "does not exist" in result.stderr and "--batch-size must be at least 1" in result.stderr
+    if not torch.cuda.is_available():
+        assert "--use-liger-kernels needs a CUDA GPU" in result.stderr
 
 
 def test_over_long_samples_are_dropped_and_counted(tmp_path, tiny_model_dir, tiny_tokenizer):
