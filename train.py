@@ -73,7 +73,7 @@ class TrainConfig:
                                   "pass a multiple of this."}
     )
     save_state_every_samples: int | None = field(
-        default=None, metadata={"help": "Also save a resumable state each time this many samples were seen."}
+        default=None, metadata={"help": "Also save a state each time the samples seen pass a multiple of this."}
     )
     keep_last_states: int = field(default=2, metadata={"help": "Resumable states kept in output-dir/state."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest complete state in output-dir."})
@@ -567,7 +567,6 @@ def device_peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints (the resumable state is checkpoint.py's)
 
