@@ -5,7 +5,7 @@ numpy's seeded generator for the order, integer arithmetic and index tie-breaks 
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -87,3 +87,16 @@ def distribute_batch(
             if plan is not None:
                 return plan
     raise AssertionError("unreachable: one micro-batch per sample always fits")
+
+
+def batches_from(
+    num_samples: int, batch_size: int, seed: int, num_epochs: int, epoch: int, batch_index: int
+) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, batch index, batch) from the data position (epoch, batch_index) to the end of the last epoch.
+
+    A resumed run starts where the saved one stopped; an index past an epoch's last batch means the next epoch.
+    """
+    for e in range(epoch, num_epochs):
+        batches = epoch_batches(num_samples, batch_size, seed, e)
+        for i in range(batch_index if e == epoch else 0, len(batches)):
+            yield e, i, batches[i]

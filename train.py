@@ -13,6 +13,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,21 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from sampler import distribute_batch, epoch_batches
+from checkpoint import (
+    MARKER,
+    STATE_DIR,
+    PreemptionSignal,
+    Progress,
+    changed_params,
+    describe,
+    first_error,
+    is_complete,
+    latest_state,
+    load_state,
+    read_trainer_state,
+    save_state,
+)
+from sampler import batches_from, distribute_batch
 from utils import InputError, atomic_directory, atomic_write, fail, iter_jsonl_lines, parse_json_line, print0
 
 
@@ -46,11 +62,30 @@ class TrainConfig:
         metadata={"help": "LR after warmup.", "choices": ["constant_with_warmup", "cosine", "linear"]},
     )
     num_epochs: int = field(default=1, metadata={"help": "Passes over the data."})
-    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Stop after this many optimizer steps (the LR schedule still spans "
+                                "--num-epochs, so a stopped run resumes exactly)."}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this."})
     min_samples_per_checkpoint: int = field(
-        default=10000, metadata={"help": "Save a Hugging Face checkpoint each time this many samples were seen."}
+        default=10000, metadata={"help": "Save a Hugging Face checkpoint (and a state) each time the samples seen "
+                                  "pass a multiple of this."}
+    )
+    save_state_every_samples: int | None = field(
+        default=None, metadata={"help": "Also save a state each time the samples seen pass a multiple of this."}
+    )
+    keep_last_states: int = field(default=2, metadata={"help": "Resumable states kept in output-dir/state."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest complete state in output-dir."})
+    resume_from: str | None = field(default=None, metadata={"help": "Continue from this state folder."})
+    force_resume: bool = field(
+        default=False, metadata={"help": "Resume even if batch size, seed or data differ from the saved run."}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Start over in an output-dir that holds a run (deletes its outputs)."}
+    )
+    max_bad_steps: int = field(
+        default=5, metadata={"help": "Stop after more than this many non-finite steps in a row."}
     )
     seed: int = field(default=42, metadata={"help": "Seed of the data order and of torch."})
     use_liger_kernels: bool = field(default=False, metadata={"help": "Liger kernels and fused linear CE (GPU)."})
@@ -152,6 +187,7 @@ class TokenizedData:
     labels: np.ndarray  # same layout; -100 where no loss
     offsets: np.ndarray  # sample i is [offsets[i], offsets[i+1])
     num_loss_tokens: np.ndarray  # per sample: labels that are predicted, i.e. labels[1:] != -100
+    fingerprint: str = ""  # sha1 of the arrays: a resumed run checks it trains on the same samples
 
     @property
     def lengths(self) -> np.ndarray:
@@ -216,22 +252,28 @@ def load_data(config: TrainConfig, vocab_size: int, d: Dist) -> TokenizedData:
                              config.max_tokens_per_gpu, vocab_size)))
     cache_dir = Path(config.output_dir) / ".data_cache" / hashlib.sha1(key.encode()).hexdigest()[:16]
     error = None
-    if d.local_rank == 0 and not (cache_dir / "dropped.json").exists():
+    if d.local_rank == 0 and not (cache_dir / "meta.json").exists():
         try:
             arrays, dropped = read_tokenized_jsonl(config.data_path, config.max_tokens_per_gpu, vocab_size)
+            fingerprint = hashlib.sha1()
+            for array in arrays.values():
+                fingerprint.update(array.tobytes())
             with atomic_directory(cache_dir) as tmp:
                 for name, array in arrays.items():
                     np.save(tmp / f"{name}.npy", array)
-                (tmp / "dropped.json").write_text(json.dumps(dropped))
+                (tmp / "meta.json").write_text(json.dumps({"dropped": dropped,
+                                                           "fingerprint": fingerprint.hexdigest()}))
         except (InputError, OSError) as e:
             error = str(e)
     errors = [None] * d.world_size
     dist.all_gather_object(errors, error)
     if any(errors):
         fail_distributed(next(e for e in errors if e))
+    meta = json.loads((cache_dir / "meta.json").read_text())
     data = TokenizedData(**{name: np.load(cache_dir / f"{name}.npy", mmap_mode="r")
-                            for name in ("input_ids", "labels", "offsets", "num_loss_tokens")})
-    for reason, count in json.loads((cache_dir / "dropped.json").read_text()).items():
+                            for name in ("input_ids", "labels", "offsets", "num_loss_tokens")},
+                         fingerprint=meta["fingerprint"])
+    for reason, count in meta["dropped"].items():
         if count:
             print0(f"dropped {count} samples: {reason}")
     return data
@@ -532,30 +574,78 @@ def device_peak_flops(device: torch.device) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints (the resumable state is checkpoint.py's)
+
+
+def hf_checkpoint_path(config: TrainConfig, samples_seen: int) -> Path:
+    return Path(config.output_dir) / "hf_format" / f"samples_{samples_seen}"
 
 
 def save_hf_checkpoint(wrapper: CausalLMWithSummedLoss, tokenizer, config: TrainConfig, samples_seen: int,
-                       d: Dist) -> Path:
+                       d: Dist) -> str | None:
     """Gathers the full weights to CPU on rank 0 and writes them in Hugging Face format, in the model's original
-    dtype, into a temporary folder renamed at the end: a crash never leaves a half checkpoint."""
+    dtype, into a temporary folder renamed at the end: a crash never leaves a half checkpoint.
+
+    Returns None, or what failed (the same on every rank): a full disk costs this checkpoint, not the run."""
     model = wrapper.model
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    path = Path(config.output_dir) / "hf_format" / f"samples_{samples_seen}"
+    path = hf_checkpoint_path(config, samples_seen)
+    error = None
     if d.rank == 0:
         save_dtype = model.config.dtype
         if isinstance(save_dtype, str):
             save_dtype = getattr(torch, save_dtype)
         state_dict = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        with atomic_directory(path) as tmp:
-            model.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")
-            model.config.dtype = save_dtype  # save_pretrained wrote the fp32 training copy's dtype
-            model.config.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        print0(f"saved {path}")
-    dist.barrier()
-    return path
+        try:
+            with atomic_directory(path) as tmp:
+                model.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")
+                model.config.dtype = save_dtype  # save_pretrained wrote the fp32 training copy's dtype
+                model.config.save_pretrained(tmp)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+            print0(f"saved {path}")
+        except Exception as e:  # disk full, permission: safetensors and transformers raise their own types
+            error = f"could not save the Hugging Face checkpoint {path}: {describe(e)}"
+    return first_error(error)
+
+
+@dataclass
+class Checkpointer:
+    """Saves Hugging Face checkpoints and resumable states of the run. A failed save (full disk, permission) is
+    reported and costs only itself: the earlier checkpoints and states stay intact and training goes on."""
+
+    wrapper: CausalLMWithSummedLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    tokenizer: object
+    config: TrainConfig
+    run_params: dict
+    d: Dist
+
+    def save(self, progress: Progress, hf: bool) -> bool:
+        """A Hugging Face checkpoint (when `hf`) and a state of this step; True if both were written."""
+        samples_seen = progress.samples_seen
+        errors = [
+            save_hf_checkpoint(self.wrapper, self.tokenizer, self.config, samples_seen, self.d) if hf else None,
+            save_state(self.config.output_dir, self.wrapper, self.optimizer, self.scheduler, progress,
+                       self.run_params, self.config.keep_last_states),
+        ]
+        for error in filter(None, errors):
+            if self.d.rank == 0:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+        return not any(errors)
+
+    def missing(self, progress: Progress) -> tuple[bool, bool]:
+        """Whether the Hugging Face checkpoint and the state of this step are still to be written (rank 0 looks)."""
+        state_path = Path(self.config.output_dir) / STATE_DIR / f"step_{progress.step}"
+        return broadcast_from_rank0((not hf_checkpoint_path(self.config, progress.samples_seen).is_dir(),
+                                     not is_complete(state_path)))
+
+
+def crossed_multiple(samples_seen: int, num_samples: int, every: int | None) -> bool:
+    """True when the step that brought `num_samples` crossed a multiple of `every` samples. A pure function of
+    the counter, so a resumed run saves at the same moments as an uninterrupted one."""
+    return every is not None and samples_seen // every > (samples_seen - num_samples) // every
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -567,21 +657,77 @@ def validate(config: TrainConfig) -> list[str]:
     problems = []
     if not os.path.isfile(config.data_path):
         problems.append(f"--data-path {config.data_path} does not exist")
-    for name in ("batch_size", "max_tokens_per_gpu", "num_epochs", "min_samples_per_checkpoint"):
+    for name in ("batch_size", "max_tokens_per_gpu", "num_epochs", "min_samples_per_checkpoint", "keep_last_states"):
         if getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
-    if config.num_warmup_steps < 0:
-        problems.append("--num-warmup-steps must be 0 or more")
-    if config.max_steps is not None and config.max_steps < 1:
-        problems.append("--max-steps must be at least 1")
+    for name in ("num_warmup_steps", "max_bad_steps"):
+        if getattr(config, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be 0 or more")
+    for name in ("max_steps", "save_state_every_samples"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    if config.overwrite and (config.resume or config.resume_from):
+        problems.append("--overwrite starts over, --resume and --resume-from continue: pick one")
+    if config.resume_from and not is_complete(config.resume_from):
+        problems.append(f"--resume-from {config.resume_from} is not a complete state (no {MARKER} marker); "
+                        f"pick a step_<S> folder of output-dir/{STATE_DIR}, or use --resume for the newest")
     if config.use_liger_kernels and not torch.cuda.is_available():
         problems.append("--use-liger-kernels needs a CUDA GPU (Liger's kernels are Triton); leave it out on CPU")
     return problems
 
 
+def choose_resume_state(config: TrainConfig, d: Dist) -> Path | None:
+    """The state to continue from, decided on rank 0. An output dir that holds a run is never written over
+    silently: it is resumed, or started over with --overwrite, which deletes the earlier run's outputs."""
+    output_dir = Path(config.output_dir)
+    verdict, error = None, None
+    if d.rank == 0:
+        if config.resume_from:
+            verdict = Path(config.resume_from)
+        elif config.resume:
+            verdict = latest_state(output_dir)
+            if verdict is None:
+                print0(f"--resume: no complete state in {output_dir / STATE_DIR}; starting fresh")
+        earlier = [name for name in ("training_metrics.jsonl", "hf_format", STATE_DIR)
+                   if (output_dir / name).exists()]
+        if earlier and config.overwrite:
+            print0(f"--overwrite: deleting {', '.join(earlier)} of the earlier run in {output_dir}")
+            for name in (*earlier, "training_params.json"):
+                target = output_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        elif earlier and verdict is None and not config.resume:
+            error = (f"--output-dir {output_dir} already holds a run ({', '.join(earlier)}); pass --resume to "
+                     "continue it, or --overwrite to start over (deletes its checkpoints, states and metrics)")
+    verdict, error = broadcast_from_rank0((verdict, error))
+    if error:
+        fail_distributed(error)
+    return verdict
+
+
+def broadcast_from_rank0(value):
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_resume_params(saved: dict, run_params: dict, config: TrainConfig, path: Path) -> None:
+    """Refuses a resume whose data order would differ from the saved run's, unless --force-resume."""
+    breaking, other = changed_params(saved, run_params)
+    if breaking and not config.force_resume:
+        fail_distributed(f"cannot resume from {path}: the data order would change ({'; '.join(breaking)}). "
+                         "Resume with the saved settings, or pass --force-resume to continue anyway")
+    for change in breaking + other:
+        print0(f"resuming with a changed setting: {change}")
+
+
 def train_step(wrapper, optimizer, scheduler, data: TokenizedData, plan: list[list[list[int]]], config: TrainConfig,
-               d: Dist) -> dict:
-    """One optimizer step over one global batch, split by `plan` into ranks and micro-batches."""
+               d: Dist, inject_nan: bool = False) -> dict:
+    """One optimizer step over one global batch, split by `plan` into ranks and micro-batches.
+
+    A non-finite loss or gradient norm drops the step's gradients and skips both the optimizer and the LR
+    scheduler, so the schedule counts the updates actually applied. Every rank sees the same all-reduced
+    values, so all agree on the skip.
+    """
     all_ids = [i for rank_plan in plan for micro in rank_plan for i in micro]
     num_loss_tokens = int(data.num_loss_tokens[all_ids].sum())
     loss_scale = d.world_size / num_loss_tokens  # FSDP averages gradients over ranks; we want the global sum
@@ -589,20 +735,26 @@ def train_step(wrapper, optimizer, scheduler, data: TokenizedData, plan: list[li
     for sample_ids in plan[d.rank]:
         batch = pack_micro_batch(data, sample_ids, d.device)
         ce_sum = wrapper(batch)
+        if inject_nan:
+            ce_sum = ce_sum * float("nan")
         (ce_sum * loss_scale).backward()
         loss_sum += ce_sum.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), config.max_grad_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    lr = scheduler.get_last_lr()[0]
-    scheduler.step()
     dist.all_reduce(loss_sum)
+    loss, grad_norm = loss_sum.item() / num_loss_tokens, grad_norm.item()
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    lr = scheduler.get_last_lr()[0]
+    if not skipped:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
     return {
-        "loss": loss_sum.item() / num_loss_tokens,
-        "grad_norm": grad_norm.item(),
+        "loss": loss,
+        "grad_norm": grad_norm,
         "lr": lr,
+        "skipped": skipped,
         "num_samples": len(all_ids),
         "num_loss_tokens": num_loss_tokens,
         "num_tokens": int(data.lengths[all_ids].sum()),
@@ -616,7 +768,9 @@ def main(argv: list[str] | None = None) -> None:
     if problems:
         fail("\n  ".join(["invalid arguments:", *problems]))
     d = init_distributed()
+    preemption = PreemptionSignal()
     torch.manual_seed(config.seed)
+    resume_path = choose_resume_state(config, d)
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
@@ -628,10 +782,14 @@ def main(argv: list[str] | None = None) -> None:
     if config.batch_size > len(data):
         fail_distributed(f"--batch-size {config.batch_size} is larger than the dataset "
                          f"({len(data)} usable samples); lower it")
-    steps_per_epoch = math.ceil(len(data) / config.batch_size)
-    total_steps = steps_per_epoch * config.num_epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
+    # The schedule always spans the epochs; --max-steps only stops early, so a run stopped by it and resumed
+    # follows the same LR curve as one that never stopped.
+    total_steps = math.ceil(len(data) / config.batch_size) * config.num_epochs
+    stop_step = min(total_steps, config.max_steps or total_steps)
+    run_params = {**dataclasses.asdict(config), "world_size": d.world_size, "total_steps": total_steps,
+                  "num_samples": len(data), "data_fingerprint": data.fingerprint}
+    if resume_path is not None:
+        check_resume_params(read_trainer_state(resume_path)["run_params"], run_params, config, resume_path)
 
     # Model
     compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[config.dtype or
@@ -656,45 +814,75 @@ def main(argv: list[str] | None = None) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.num_warmup_steps, total_steps, config.lr_scheduler))
 
+    # Resume
+    progress = Progress()
+    if resume_path is not None:
+        progress = load_state(resume_path, wrapper, optimizer, scheduler)
+        print0(f"resumed from {resume_path}: step {progress.step}, epoch {progress.epoch}, "
+               f"batch {progress.batch_index} of the epoch, {progress.samples_seen} samples seen")
+
     # Loop
     output_dir = Path(config.output_dir)
     if d.rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         with atomic_write(output_dir / "training_params.json") as f:
-            json.dump({**dataclasses.asdict(config), "world_size": d.world_size, "total_steps": total_steps,
-                       "num_samples": len(data), "attn_implementation": attn_implementation}, f, indent=2)
+            json.dump({**run_params, "attn_implementation": attn_implementation}, f, indent=2)
     metrics_file = open(output_dir / "training_metrics.jsonl", "a") if d.rank == 0 else None  # noqa: SIM115
     peak_flops = device_peak_flops(d.device)
-    progress = tqdm(total=total_steps, disable=d.rank != 0, desc="train")
-    step, samples_seen, samples_at_last_save, start_time = 0, 0, 0, time.time()
-    for epoch in range(config.num_epochs):
-        for batch_ids in epoch_batches(len(data), config.batch_size, config.seed, epoch):
-            if step >= total_steps:
-                break
-            step_start = time.time()
-            plan = distribute_batch(batch_ids, data.lengths, d.world_size, config.max_tokens_per_gpu)
-            metrics = train_step(wrapper, optimizer, scheduler, data, plan, config, d)
-            step += 1
-            samples_seen += metrics["num_samples"]
-            step_time = time.time() - step_start
-            flops = step_flops(model_config, data.lengths[batch_ids])
-            metrics.update(
-                step=step, epoch=epoch, tokens_per_second=metrics["num_tokens"] / step_time,
-                mfu=flops / step_time / (peak_flops * d.world_size) if peak_flops else None,
-                peak_memory_gb=torch.cuda.max_memory_allocated(d.device) / 1e9 if d.device.type == "cuda" else None,
-                elapsed_s=time.time() - start_time,
-            )
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(metrics) + "\n")
-                metrics_file.flush()
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
-            progress.update(1)
-            if samples_seen - samples_at_last_save >= config.min_samples_per_checkpoint:
-                save_hf_checkpoint(wrapper, tokenizer, config, samples_seen, d)
-                samples_at_last_save = samples_seen
-    progress.close()
-    if samples_seen != samples_at_last_save:
-        save_hf_checkpoint(wrapper, tokenizer, config, samples_seen, d)
+    # Test hook: these steps' losses are multiplied by NaN, to exercise the non-finite path end to end.
+    nan_steps = {int(s) for s in os.environ.get("MINI_TRAINER_TEST_NAN_STEPS", "").split(",") if s}
+    progress_bar = tqdm(total=stop_step, initial=progress.step, disable=d.rank != 0, desc="train")
+    checkpointer = Checkpointer(wrapper, optimizer, scheduler, tokenizer, config, run_params, d)
+    start_time, preempted = time.time(), False
+    for epoch, batch_index, batch_ids in batches_from(len(data), config.batch_size, config.seed, config.num_epochs,
+                                                      progress.epoch, progress.batch_index):
+        if progress.step >= stop_step:
+            break
+        step_start = time.time()
+        plan = distribute_batch(batch_ids, data.lengths, d.world_size, config.max_tokens_per_gpu)
+        metrics = train_step(wrapper, optimizer, scheduler, data, plan, config, d,
+                             inject_nan=progress.step + 1 in nan_steps)
+        progress.step += 1
+        progress.epoch, progress.batch_index = epoch, batch_index + 1
+        progress.samples_seen += metrics["num_samples"]
+        progress.bad_steps += metrics["skipped"]
+        progress.bad_steps_in_a_row = progress.bad_steps_in_a_row + 1 if metrics["skipped"] else 0
+        step, step_time = progress.step, time.time() - step_start
+        flops = step_flops(model_config, data.lengths[batch_ids])
+        metrics.update(
+            step=step, epoch=epoch, bad_steps=progress.bad_steps, tokens_per_second=metrics["num_tokens"] / step_time,
+            mfu=flops / step_time / (peak_flops * d.world_size) if peak_flops else None,
+            peak_memory_gb=torch.cuda.max_memory_allocated(d.device) / 1e9 if d.device.type == "cuda" else None,
+            elapsed_s=time.time() - start_time,
+        )
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+        progress_bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+        progress_bar.update(1)
+        if metrics["skipped"]:
+            print0(f"step {step}: non-finite loss {metrics['loss']} or gradient norm {metrics['grad_norm']}; "
+                   f"skipped the update ({progress.bad_steps_in_a_row} in a row)")
+        if progress.bad_steps_in_a_row > config.max_bad_steps:
+            fail_distributed(f"{progress.bad_steps_in_a_row} non-finite steps in a row (up to step {step}), more "
+                             f"than --max-bad-steps {config.max_bad_steps}: stopping without saving. The weights "
+                             "were never updated by those steps; the newest saved state is "
+                             f"{latest_state(output_dir)}. Lower the learning rate or check the data")
+        if crossed_multiple(progress.samples_seen, metrics["num_samples"], config.min_samples_per_checkpoint):
+            checkpointer.save(progress, hf=True)
+        elif crossed_multiple(progress.samples_seen, metrics["num_samples"], config.save_state_every_samples):
+            checkpointer.save(progress, hf=False)
+        if preemption.agreed(d.device):
+            preempted = True
+            print0(f"received {preemption.received or 'a signal on another rank'}: stopping after step {step}")
+            break
+    progress_bar.close()
+
+    # Final save: whatever the last step lacks. A preempted run saves only its state, the fast part.
+    hf_missing, state_missing = checkpointer.missing(progress)
+    save_hf = hf_missing and not preempted
+    if (save_hf or state_missing) and not checkpointer.save(progress, hf=save_hf):
+        fail_distributed("the final save failed (see above); the earlier checkpoints and states are intact")
     if metrics_file is not None:
         metrics_file.close()
     cleanup_distributed()

@@ -48,17 +48,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_train(args: list[str], nproc: int = 1, check: bool = True, extra_torchrun: list[str] | None = None):
-    """Runs train.py as users do: plain python for one process, torchrun (gloo on CPU) for several."""
+def run_train(args: list[str], nproc: int = 1, check: bool = True, extra_torchrun: list[str] | None = None,
+              env: dict[str, str] | None = None, preexec_fn=None):
+    """Runs train.py as users do: plain python for one process, torchrun (gloo on CPU) for several.
+    `env` adds environment variables; `preexec_fn` runs in the child before train.py (resource limits)."""
     import subprocess
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     if nproc == 1 and not extra_torchrun:
         command = [sys.executable, str(REPO_ROOT / "train.py"), *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                    *(extra_torchrun or ["--standalone"]), str(REPO_ROOT / "train.py"), *args]
-    result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                            preexec_fn=preexec_fn)
     if check and result.returncode != 0:
         output = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
         raise AssertionError(f"train.py failed ({result.returncode}):\n{output}")

@@ -126,3 +126,15 @@ def test_epoch_batches():
     assert sorted(i for b in epoch_batches(num_samples, batch_size, 7, 1) for i in b) == list(range(num_samples))
     assert epoch_batches(20, 10, seed=0, epoch=0)[-1] != []  # an exact multiple adds no empty batch
     assert len(epoch_batches(20, 10, seed=0, epoch=0)) == 2
+
+
+def test_batches_from_a_data_position_continue_the_same_order():
+    from sampler import batches_from
+
+    everything = list(batches_from(10, 4, seed=1, num_epochs=3, epoch=0, batch_index=0))
+    assert [(e, i) for e, i, _ in everything] == [(e, i) for e in range(3) for i in range(3)]
+    assert [b for _, _, b in everything[:3]] == epoch_batches(10, 4, 1, 0)
+    assert list(batches_from(10, 4, 1, 3, epoch=1, batch_index=2)) == everything[5:]
+    # Past the last batch of an epoch (a state saved at an epoch's end) means the start of the next one.
+    assert list(batches_from(10, 4, 1, 3, epoch=0, batch_index=3)) == everything[3:]
+    assert list(batches_from(10, 4, 1, 3, epoch=2, batch_index=3)) == []
