@@ -50,6 +50,8 @@ class Progress:
     samples_seen: int = 0
     bad_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
     bad_steps_in_a_row: int = 0
+    samples_at_last_checkpoint: int = 0  # samples_seen when the last Hugging Face checkpoint was saved
+    samples_at_last_state: int = 0  # and when the last state was saved
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -642,10 +642,10 @@ class Checkpointer:
                                      not is_complete(state_path)))
 
 
-def crossed_multiple(samples_seen: int, num_samples: int, every: int | None) -> bool:
-    """True when the step that brought `num_samples` crossed a multiple of `every` samples. A pure function of
-    the counter, so a resumed run saves at the same moments as an uninterrupted one."""
-    return every is not None and samples_seen // every > (samples_seen - num_samples) // every
+def save_due(samples_seen: int, samples_at_last_save: int, every: int | None) -> bool:
+    """A save is due each time the samples seen since the last one reach `every`. The counters are part of
+    the saved state, so a resumed run saves at the same moments as an uninterrupted one."""
+    return every is not None and samples_seen - samples_at_last_save >= every
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -868,9 +868,11 @@ def main(argv: list[str] | None = None) -> None:
                              f"than --max-bad-steps {config.max_bad_steps}: stopping without saving. The weights "
                              "were never updated by those steps; the newest saved state is "
                              f"{latest_state(output_dir)}. Lower the learning rate or check the data")
-        if crossed_multiple(progress.samples_seen, metrics["num_samples"], config.min_samples_per_checkpoint):
+        if save_due(progress.samples_seen, progress.samples_at_last_checkpoint, config.min_samples_per_checkpoint):
+            progress.samples_at_last_checkpoint = progress.samples_at_last_state = progress.samples_seen
             checkpointer.save(progress, hf=True)
-        elif crossed_multiple(progress.samples_seen, metrics["num_samples"], config.save_state_every_samples):
+        elif save_due(progress.samples_seen, progress.samples_at_last_state, config.save_state_every_samples):
+            progress.samples_at_last_state = progress.samples_seen
             checkpointer.save(progress, hf=False)
         if preemption.agreed(d.device):
             preempted = True

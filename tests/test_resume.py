@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, run_train, write_tokenized_samples
 from safetensors.torch import load_file
 
 import checkpoint
-from train import crossed_multiple
+from train import save_due
 
 # 20 samples in batches of 3: 7 steps an epoch (the last one of 2 samples), 14 steps in 2 epochs.
 NUM_STEPS = 14
@@ -82,7 +82,8 @@ def test_stop_at_max_steps_and_resume_is_exact(tmp_path, tiny_model_dir, data_pa
                                                    "rng_rank_0.pt", "COMPLETE"}
     trainer_state = json.loads((state / "trainer_state.json").read_text())
     assert trainer_state["progress"] == {"step": 7, "epoch": 0, "batch_index": 7, "samples_seen": 20,
-                                         "bad_steps": 0, "bad_steps_in_a_row": 0}
+                                         "bad_steps": 0, "bad_steps_in_a_row": 0,
+                                         "samples_at_last_checkpoint": 0, "samples_at_last_state": 0}
     assert trainer_state["run_params"]["total_steps"] == NUM_STEPS  # --max-steps does not shorten the schedule
     result = run_train(args(data_path, tiny_model_dir, output_dir, "--resume", "--save-state-every-samples", "3"))
     assert f"resumed from {state}: step 7, epoch 0" in result.stdout
@@ -330,10 +331,14 @@ def test_finding_and_pruning_states(tmp_path):
     assert checkpoint.latest_state(tmp_path / "nothing_here") is None
 
 
-def test_checkpoints_fall_on_multiples_of_the_sample_count():
-    saved_at = [seen for seen in range(3, 61, 3) if crossed_multiple(seen, 3, 10)]
-    assert saved_at == [12, 21, 30, 42, 51, 60]
-    assert not crossed_multiple(20, 3, None)
+def test_a_save_is_due_when_the_samples_since_the_last_one_reach_the_interval():
+    saved_at, last = [], 0
+    for seen in range(3, 61, 3):
+        if save_due(seen, last, 10):
+            saved_at.append(seen)
+            last = seen
+    assert saved_at == [12, 24, 36, 48, 60]
+    assert not save_due(20, 0, None)
 
 
 def test_changed_params_sorts_out_what_breaks_the_data_order():

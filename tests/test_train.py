@@ -74,7 +74,7 @@ def test_two_processes_learn_and_checkpoint_reloads(tmp_path, tiny_model_dir, ti
         assert key in metrics[0]
     # 40 samples a epoch, a checkpoint each time the samples seen pass a multiple of 100, and one at the end.
     checkpoints = sorted(p.name for p in (output_dir / "hf_format").iterdir())
-    assert checkpoints == ["samples_104", "samples_200", "samples_240"]
+    assert checkpoints == ["samples_104", "samples_208", "samples_240"]
     model = AutoModelForCausalLM.from_pretrained(output_dir / "hf_format" / "samples_240")
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.dtype == torch.float32
