@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from checkpoint import (
@@ -101,8 +102,11 @@ class TrainConfig:
         default=None,
         metadata={"help": "Compute dtype (default: bf16 on GPU, fp32 on CPU).", "choices": ["bf16", "fp32"]},
     )
-    activation_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute each decoder layer in backward to save memory."}
+    activation_checkpointing: str = field(
+        default="auto",
+        metadata={"help": "Recompute each decoder layer in backward to save memory; auto: only if the run would "
+                  "not fit without it (estimated from the model and --max-tokens-per-gpu; always off on CPU).",
+                  "choices": ["auto", "on", "off"]},
     )
     attn_implementation: str | None = field(
         default=None,
@@ -123,6 +127,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         help_text = f.metadata["help"]
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            continue
+        if f.name == "activation_checkpointing":  # a bare flag still means "on"
+            parser.add_argument(flag, nargs="?", const="on", default=f.default, choices=f.metadata["choices"],
+                                help=help_text + f" (default: {f.default})")
+            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const="off")
             continue
         value_type = {"int | None": int, "str | None": str}.get(str(f.type), f.type)
         required = f.default == ""
@@ -321,37 +330,35 @@ def pack_micro_batch(data: TokenizedData, sample_ids: list[int], device: torch.d
 # Attention: packed samples never see each other.
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function on torch's varlen flash attention, fed with the micro-batch's
-    cumulative sequence lengths (passed as forward kwargs cu_seq_lens_q / max_length_q)."""
-    from torch.nn.attention.varlen import varlen_attn
+class _FlashVarlenCausal(torch.autograd.Function):
+    """Causal flash attention over packed samples, straight on aten's flash kernels: they take fewer K/V heads
+    than query heads (GQA) natively, so K and V are never repeated per query head (torch <= 2.11's varlen_attn
+    demands equal head counts)."""
 
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
+        out, lse, philox_seed, philox_offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, philox_seed, philox_offset)
+        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens, philox_seed, philox_offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen, 0.0,
+            True, philox_seed, philox_offset, scale=ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function on flash attention's variable-length kernel, fed with the micro-batch's
+    cumulative sequence lengths (passed as forward kwargs cu_seq_lens_q / max_length_q)."""
     # (1, heads, T, dim) -> (T, heads, dim)
     q, k, v = (x.squeeze(0).transpose(0, 1) for x in (query, key, value))
-    if k.shape[1] != q.shape[1] and "enable_gqa" not in VARLEN_KWARGS:
-        repeats = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-    cu_seqlens, max_seqlen = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
-    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling, **VARLEN_KWARGS)
+    out = _FlashVarlenCausal.apply(q, k, v, kwargs["cu_seq_lens_q"], kwargs["max_length_q"], scaling)
     return out.unsqueeze(0), None
-
-
-def _varlen_kwargs() -> dict:
-    """torch 2.9-2.11 take is_causal=True; newer releases take a (left, right) window and can share KV heads."""
-    import inspect
-
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return {}
-    params = inspect.signature(varlen_attn).parameters
-    kwargs = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    if "enable_gqa" in params:
-        kwargs["enable_gqa"] = True
-    return kwargs
-
-
-VARLEN_KWARGS = _varlen_kwargs()
 
 
 def choose_attn_implementation(requested: str | None, device: torch.device) -> str:
@@ -367,7 +374,7 @@ def choose_attn_implementation(requested: str | None, device: torch.device) -> s
 
     if importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "varlen" if VARLEN_KWARGS else "sdpa"
+    return "varlen" if hasattr(torch.ops.aten, "_flash_attention_forward") else "sdpa"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -397,16 +404,15 @@ class CausalLMWithSummedLoss(torch.nn.Module):
     Being the FSDP root, it gathers the embeddings and LM head (tied or not) for the loss as well.
     """
 
-    def __init__(self, model: torch.nn.Module, use_liger: bool):
+    def __init__(self, model: torch.nn.Module, use_liger: bool, loss_impl: str | None = None):
         super().__init__()
         self.model = model
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.liger_loss = None
-        if use_liger:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-            # reduction="sum": its "none" reduction had gradient bugs.
-            self.liger_loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=self.softcap)
+        self.loss_impl = loss_impl or ("liger" if use_liger else "chunked")  # or chunked_cross_entropy_sum
+        # Liger cuts the rows into chunks of at most chunk_mem_const * hidden / vocab of them: its default, 1, gives
+        # 128-row chunks here (Qwen's 152k vocab), each adding a full-size weight-gradient matmul; 64 gives one or
+        # two chunks per micro-batch (transient logits <= 64 * rows * hidden), 11% faster (BENCHMARKS.md).
+        self.liger_chunk_mem_const = 64
 
     def forward(self, batch: MicroBatch) -> torch.Tensor:
         decoder = getattr(self.model, self.model.base_model_prefix)
@@ -417,8 +423,13 @@ class CausalLMWithSummedLoss(torch.nn.Module):
         ).last_hidden_state
         hidden = hidden.view(-1, hidden.shape[-1]).index_select(0, batch.loss_positions)
         weight = self.model.get_output_embeddings().weight
-        if self.liger_loss is not None and batch.loss_positions.numel() > 0:
-            return self.liger_loss(weight, hidden, batch.loss_targets)
+        if self.loss_impl == "liger" and batch.loss_positions.numel() > 0:
+            from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+            # reduction="sum": its "none" reduction had gradient bugs. fp32 accumulation of the weight gradient.
+            return LigerFusedLinearCrossEntropyFunction.apply(
+                hidden, weight, batch.loss_targets, None, None, -100, 0.0, 0.0, "sum", self.softcap, False,
+                torch.float32, False, False, False, None, None, self.liger_chunk_mem_const)[0]
         return chunked_cross_entropy_sum(hidden, weight, batch.loss_targets, self.softcap)
 
 
@@ -466,6 +477,38 @@ def apply_liger(model: torch.nn.Module) -> None:
                                     fused_linear_cross_entropy=False)
 
 
+def activation_bytes_per_token(model_config) -> int:
+    """bf16 activations a decoder layer keeps for backward per token, about 2 bytes x (6 x hidden + 3 x
+    intermediate) (attention inputs and outputs, norms, MLP inputs); measured 68 kB for Qwen2.5-1.5B with Liger
+    against 73 kB from this formula."""
+    hidden = model_config.hidden_size
+    intermediate = getattr(model_config, "intermediate_size", None) or 4 * hidden
+    return 2 * (6 * hidden + 3 * intermediate)
+
+
+def choose_activation_checkpointing(config: TrainConfig, model_config, num_params: int, d: Dist) -> tuple[bool, str]:
+    """Resolves --activation-checkpointing auto: on only when the estimated peak without it would exceed 90% of
+    the GPU's memory. The estimate: 16 bytes per parameter over the ranks (fp32 weights, gradients, Adam),
+    the bf16 copy of the gathered weights (all of them when nothing is resharded), and every layer's saved
+    activations for a full micro-batch."""
+    if config.activation_checkpointing != "auto":
+        return config.activation_checkpointing == "on", f"--activation-checkpointing {config.activation_checkpointing}"
+    if d.device.type != "cuda":
+        return False, "auto: not on a GPU"
+    layers = model_config.num_hidden_layers
+    gathered = num_params  # FULL_SHARD on several ranks: embeddings/LM head plus about three layers at a time
+    if d.world_size > 1 and config.fsdp_sharding_strategy in ("FULL_SHARD", "HYBRID_SHARD"):
+        gathered = model_config.vocab_size * model_config.hidden_size + 3 * num_params / layers
+    states = 16 * num_params / d.world_size + 2 * gathered
+    activations = config.max_tokens_per_gpu * layers * activation_bytes_per_token(model_config)
+    total = torch.cuda.get_device_properties(d.device).total_memory
+    estimate = states + activations
+    use = estimate > 0.9 * total
+    reason = (f"auto: estimated peak without it {estimate / 1e9:.1f} GB (weights/grads/Adam {states / 1e9:.1f} GB + "
+              f"activations {activations / 1e9:.1f} GB) {'>' if use else '<='} 90% of {total / 1e9:.1f} GB")
+    return use, reason
+
+
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recomputes each decoder layer in backward (transformers renamed the method in 5.2x)."""
     if hasattr(model, "activation_checkpointing_enable"):
@@ -493,9 +536,13 @@ def apply_fsdp(wrapper: CausalLMWithSummedLoss, strategy: str, compute_dtype: to
     mesh = build_mesh(strategy, d)
     mp_policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     reshard_after_forward = strategy != "SHARD_GRAD_OP"
-    for layer in decoder_layers(wrapper.model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(wrapper, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    layers = decoder_layers(wrapper.model)
+    for i, layer in enumerate(layers):
+        # The last layer's weights are needed again as soon as backward starts: keep them gathered.
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy,
+                    reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
+    # The root (embeddings, LM head) is used at the end of forward and the start of backward: keep it too.
+    fully_shard(wrapper, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
 
 
 def materialize_weights(wrapper: CausalLMWithSummedLoss, full_state_dict: dict, buffers: dict, d: Dist) -> None:
@@ -720,6 +767,24 @@ def check_resume_params(saved: dict, run_params: dict, config: TrainConfig, path
         print0(f"resuming with a changed setting: {change}")
 
 
+def clip_grad_norm(wrapper: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ computed on the local gradient shards (a handful of foreach kernels), then summed over the
+    shard group: the same result as on the DTensors, without DTensor's per-tensor dispatch on the host."""
+    grads = [p.grad for p in wrapper.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    squared = torch.stack(torch._foreach_norm(local, 2.0)).float().square().sum()
+    if isinstance(grads[0], DTensor):
+        mesh = grads[0].device_mesh
+        shard_mesh = mesh["shard"] if mesh.mesh_dim_names and "shard" in mesh.mesh_dim_names else mesh
+        if shard_mesh.size() > 1:
+            dist.all_reduce(squared, group=shard_mesh.get_group())
+    norm = squared.sqrt()
+    torch._foreach_mul_(local, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
 def train_step(wrapper, optimizer, scheduler, data: TokenizedData, plan: list[list[list[int]]], config: TrainConfig,
                d: Dist, inject_nan: bool = False) -> dict:
     """One optimizer step over one global batch, split by `plan` into ranks and micro-batches.
@@ -739,9 +804,7 @@ def train_step(wrapper, optimizer, scheduler, data: TokenizedData, plan: list[li
             ce_sum = ce_sum * float("nan")
         (ce_sum * loss_scale).backward()
         loss_sum += ce_sum.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), config.max_grad_norm)
-    if hasattr(grad_norm, "full_tensor"):
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = clip_grad_norm(wrapper, config.max_grad_norm)
     dist.all_reduce(loss_sum)
     loss, grad_norm = loss_sum.item() / num_loss_tokens, grad_norm.item()
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -798,7 +861,10 @@ def main(argv: list[str] | None = None) -> None:
     model, full_state_dict, buffers = load_model(config, attn_implementation, d)
     if config.use_liger_kernels:
         apply_liger(model)
-    if config.activation_checkpointing:
+    use_checkpointing, why = choose_activation_checkpointing(
+        config, model_config, sum(p.numel() for p in model.parameters()), d)
+    print0(f"activation checkpointing {'on' if use_checkpointing else 'off'} ({why})")
+    if use_checkpointing:
         apply_activation_checkpointing(model)
     wrapper = CausalLMWithSummedLoss(model, config.use_liger_kernels)
     apply_fsdp(wrapper, config.fsdp_sharding_strategy, compute_dtype, d)

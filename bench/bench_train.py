@@ -65,6 +65,93 @@ def measure_matmul_peak(device: torch.device) -> float:
     return 2 * 8192**3 / statistics.median(times)
 
 
+KERNEL_CATEGORIES = [  # first match wins; matched against the lower-cased kernel name
+    ("attention", ("flash",)),
+    ("loss", ("cross_entropy", "element_mul")),
+    ("optimizer", ("adam",)),
+    ("grad clip", ("norm_kernel", "l2norm", "lpnorm", "norm_reduce")),
+    ("communication", ("nccl",)),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "splitk")),
+    ("norm/rope/swiglu", ("rms_norm", "rope", "swiglu", "_layer_norm")),
+    ("copies (FSDP, casts)", ("memcpy", "memset", "copy", "cat", "split_with_sizes", "foreach")),
+]
+
+
+def profile_train_step(profile_step: int, out_dir: Path):
+    """Wraps train.train_step so that call `profile_step` (1-based) runs under torch.profiler; writes the kernel
+    table and prints a PROFILE line with time per category, idle share and host-device syncs of that step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    original, calls = train.train_step, [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] != profile_step:
+            return original(*args, **kwargs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            result = original(*args, **kwargs)
+            torch.cuda.synchronize()
+            wall_us = (time.perf_counter() - start) * 1e6
+        summarize_profile(prof, wall_us, out_dir)
+        return result
+
+    train.train_step = wrapped
+
+
+def summarize_profile(prof, wall_us: float, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    averages = prof.key_averages()
+    (out_dir / "profile_table.txt").write_text(
+        averages.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90) + "\n\nBy host time:\n"
+        + averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90))
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
+    per_kernel: dict[str, list[float]] = {}
+    for e in kernels:
+        entry = per_kernel.setdefault(e.name, [0.0, 0])
+        entry[0] += e.time_range.elapsed_us()
+        entry[1] += 1
+    lines = [f"{t / 1e3:9.2f} ms {n:6d}x  {name[:150]}" for name, (t, n) in
+             sorted(per_kernel.items(), key=lambda x: -x[1][0])[:60]]
+    ordered = sorted(kernels, key=lambda e: e.time_range.start)
+    gaps, latest_end, latest_name = [], -math.inf, ""
+    for e in ordered:
+        if e.time_range.start - latest_end > 200:
+            gaps.append((e.time_range.start - latest_end, latest_name[:60], e.name[:60]))
+        if e.time_range.end > latest_end:
+            latest_end, latest_name = e.time_range.end, e.name
+    lines += ["", "gaps over 0.2 ms between consecutive kernels (us, kernel before, kernel after):"]
+    lines += [f"{g:9.0f}  {b}  ->  {a}" for g, b, a in sorted(gaps, reverse=True)[:25]]
+    (out_dir / "profile_kernels.txt").write_text("\n".join(lines) + "\n")
+    by_category: dict[str, float] = {}
+    intervals = []
+    for e in kernels:
+        name = e.name.lower()
+        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other elementwise")
+        by_category[category] = by_category.get(category, 0.0) + e.time_range.elapsed_us()
+        intervals.append((e.time_range.start, e.time_range.end))
+    busy, last_end = 0.0, -math.inf
+    for start, end in sorted(intervals):  # union of kernel intervals (streams overlap)
+        if end > last_end:
+            busy += end - max(start, last_end)
+            last_end = end
+    cpu_names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    syncs = {name: cpu_names.count(name) for name in ("aten::_local_scalar_dense", "cudaStreamSynchronize",
+                                                       "cudaDeviceSynchronize", "cudaEventSynchronize")}
+    syncs["memcpy DtoH"] = sum("dtoh" in e.name.lower() for e in kernels)
+    summary = dict(
+        wall_ms=round(wall_us / 1e3, 2), gpu_busy_ms=round(busy / 1e3, 2),
+        idle_share=round(1 - busy / wall_us, 4),
+        ms_by_category={c: round(t / 1e3, 2) for c, t in sorted(by_category.items(), key=lambda x: -x[1])},
+        share_of_wall={c: round(t / wall_us, 4) for c, t in sorted(by_category.items(), key=lambda x: -x[1])},
+        syncs=syncs, kernels=len(kernels),
+    )
+    (out_dir / "profile_summary.json").write_text(json.dumps(summary, indent=2))
+    print("PROFILE " + json.dumps(summary), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["qwen2.5-1.5b", "tiny"], default="qwen2.5-1.5b")
@@ -75,6 +162,13 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=5, help="Steps left out of the timing.")
     parser.add_argument("--work-dir", default=None, help="Where data, model and run go (default: a temp folder).")
     parser.add_argument("--label", default="", help="Name of this configuration in the printed table.")
+    parser.add_argument("--profile-step", type=int, default=None,
+                        help="Profile this optimizer step (1-based) with torch.profiler (GPU only).")
+    parser.add_argument("--loss", choices=["liger", "chunked"], default=None,
+                        help="Override train.py's loss implementation (default: its own choice).")
+    parser.add_argument("--liger-chunk-mem-const", type=int, default=None,
+                        help="Liger fused CE: logits budget per chunk, in units of rows x hidden (Liger default 1).")
+    parser.add_argument("--profile-dir", default=None, help="Where the profile table goes (default: work dir).")
     args, train_args = parser.parse_known_args()
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -91,6 +185,17 @@ def main() -> None:
     if not data_path.exists():
         write_workload(data_path, args.num_samples, config_kwargs["vocab_size"])
 
+    if args.loss or args.liger_chunk_mem_const:
+        original_init = train.CausalLMWithSummedLoss.__init__
+
+        def init_with_loss_override(self, *a, **k):
+            original_init(self, *a, **k)
+            self.loss_impl = args.loss or self.loss_impl
+            self.liger_chunk_mem_const = args.liger_chunk_mem_const or self.liger_chunk_mem_const
+
+        train.CausalLMWithSummedLoss.__init__ = init_with_loss_override
+    if args.profile_step and torch.cuda.is_available():
+        profile_train_step(args.profile_step, Path(args.profile_dir or work_dir / "profile"))
     output_dir = work_dir / f"run-{int(time.time() * 1000)}"
     train.main([
         "--data-path", str(data_path), "--model-name-or-path", str(model_dir), "--output-dir", str(output_dir),
@@ -99,7 +204,7 @@ def main() -> None:
         "--min-samples-per-checkpoint", str(10**9), *train_args,
     ])
     metrics = [json.loads(line) for line in open(output_dir / "training_metrics.jsonl")]
-    timed = metrics[args.warmup_steps:]
+    timed = [m for m in metrics[args.warmup_steps:] if m["step"] != args.profile_step]  # profiler slows its step
     seconds = sum(m["num_tokens"] / m["tokens_per_second"] for m in timed)
     tokens_per_second = sum(m["num_tokens"] for m in timed) / seconds
     result = dict(label=args.label or " ".join(train_args), tokens_per_second=round(tokens_per_second))
