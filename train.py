@@ -612,6 +612,16 @@ def step_flops(model_config, sample_lengths: np.ndarray) -> float:
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
+def report_host_memory(d: Dist) -> None:
+    """Prints every rank's peak host RSS: only rank 0 reads the weights, so the others should stay small."""
+    import resource
+
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+    per_rank = [None] * d.world_size
+    dist.all_gather_object(per_rank, round(peak_rss_gb, 2))
+    print0(f"host peak RSS per rank (GB): {per_rank}")
+
+
 def device_peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak of the GPU from its datasheet, or None where unknown (then MFU is not reported)."""
     if device.type != "cuda":
@@ -953,6 +963,7 @@ def main(argv: list[str] | None = None) -> None:
         fail_distributed("the final save failed (see above); the earlier checkpoints and states are intact")
     if metrics_file is not None:
         metrics_file.close()
+    report_host_memory(d)
     cleanup_distributed()
 
 

@@ -13,6 +13,7 @@ matmul peak measured in the same process with an 8192^3 product.
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -196,18 +197,24 @@ def main() -> None:
         train.CausalLMWithSummedLoss.__init__ = init_with_loss_override
     if args.profile_step and torch.cuda.is_available():
         profile_train_step(args.profile_step, Path(args.profile_dir or work_dir / "profile"))
-    output_dir = work_dir / f"run-{int(time.time() * 1000)}"
+    # The same folder on every rank under torchrun (create the model and data with one process first).
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    output_dir = work_dir / f"run-{''.join(c if c.isalnum() else '_' for c in args.label)}-ws{world_size}"
     train.main([
         "--data-path", str(data_path), "--model-name-or-path", str(model_dir), "--output-dir", str(output_dir),
         "--batch-size", str(args.batch_size), "--max-tokens-per-gpu", str(args.max_tokens_per_gpu),
         "--max-steps", str(args.max_steps), "--num-warmup-steps", "2", "--learning-rate", "1e-5",
-        "--min-samples-per-checkpoint", str(10**9), *train_args,
+        "--min-samples-per-checkpoint", str(10**9), "--overwrite", *train_args,
     ])
+    if os.environ.get("RANK", "0") != "0":
+        return
     metrics = [json.loads(line) for line in open(output_dir / "training_metrics.jsonl")]
     timed = [m for m in metrics[args.warmup_steps:] if m["step"] != args.profile_step]  # profiler slows its step
     seconds = sum(m["num_tokens"] / m["tokens_per_second"] for m in timed)
     tokens_per_second = sum(m["num_tokens"] for m in timed) / seconds
-    result = dict(label=args.label or " ".join(train_args), tokens_per_second=round(tokens_per_second))
+    result = dict(label=args.label or " ".join(train_args), world_size=world_size,
+                  tokens_per_second=round(tokens_per_second),
+                  tokens_per_second_per_gpu=round(tokens_per_second / world_size))
     if torch.cuda.is_available():
         device = torch.device("cuda")
         measured_peak = measure_matmul_peak(device)
