@@ -2,6 +2,14 @@
 
     python bench/bench_process_data.py --tokenizer $MINI_TRAINER_TOKENIZERS/qwen2.5-instruct --num-samples 20000
 
+With `--peer trl --peer-python /tmp/trl-venv/bin/python`, TRL's own SFT dataset preparation (bench/peer_trl.py,
+run under that python since TRL is not a project dependency) is timed on the same file in the same run, for the
+same --num-procs. With --repeats N, each measurement is taken N times (interleaved) and the median is reported.
+
+Timings: process_data is the whole run (interpreter start, imports, tokenizer loads, reading, writing); TRL is
+`load_dataset("json")` + `SFTTrainer._prepare_dataset` only (its imports and model construction are not counted);
+the floor is the loop alone.
+
 The data set is deterministic: multi-turn chats (1 to 4 turns, some with a system prompt) of random English-like
 words, about 600 tokens median with the Qwen2.5 tokenizer.
 """
@@ -10,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,32 +60,80 @@ def floor(tokenizer_path: str, input_file: Path) -> float:
     return time.perf_counter() - start
 
 
+def run_process_data(tokenizer: str, input_file: Path, output_file: Path, num_proc: str) -> float:
+    command = [sys.executable, str(REPO_ROOT / "process_data.py"), "--input-file", str(input_file)]
+    command += ["--output-file", str(output_file), "--model-name-or-path", tokenizer]
+    command += ["--num-proc", num_proc, "--num-examples-to-print", "0"]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - start  # whole run, interpreter start and tokenizer loads included
+
+
+def run_trl(python: str, tokenizer: str, input_file: Path, output_file: Path, num_proc: str) -> dict:
+    command = [python, str(REPO_ROOT / "bench" / "peer_trl.py"), "--input-file", str(input_file)]
+    command += ["--tokenizer", tokenizer, "--num-proc", num_proc, "--output-file", str(output_file)]
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def compare(ours: Path, theirs: Path) -> str:
+    """How TRL's input_ids and labels compare with process_data's, sample by sample."""
+    same_ids = same_labels = total = 0
+    for a, b in zip(ours.open(), theirs.open(), strict=True):
+        a, b = json.loads(a), json.loads(b)
+        total += 1
+        same_ids += a["input_ids"] == b["input_ids"]
+        same_labels += a["labels"] == b["labels"]
+    return f"input_ids identical in {same_ids}/{total} samples, labels identical in {same_labels}/{total}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_tokenizer = os.path.join(os.environ.get("MINI_TRAINER_TOKENIZERS", ""), "qwen2.5-instruct")
     parser.add_argument("--tokenizer", default=default_tokenizer, help="Tokenizer folder (default: Qwen2.5's).")
     parser.add_argument("--num-samples", type=int, default=20000, help="Chats to generate.")
     parser.add_argument("--num-procs", default="1,2", help="Comma-separated --num-proc values to time.")
+    parser.add_argument("--peer", choices=["trl"], default=None, help="Also time a peer's dataset preparation.")
+    parser.add_argument("--peer-python", default=sys.executable, help="Python that has the peer installed.")
+    parser.add_argument("--repeats", type=int, default=1, help="Times to take each measurement; medians reported.")
     args = parser.parse_args()
 
+    num_procs = args.num_procs.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         input_file, output_file = Path(tmp) / "chats.jsonl", Path(tmp) / "out.jsonl"
+        peer_file = Path(tmp) / "peer.jsonl"
         make_chats(input_file, args.num_samples)
-        seconds = floor(args.tokenizer, input_file)
-        print(f"floor (bare apply_chat_template, 1 process): {args.num_samples / seconds:.0f} samples/s")
-        for num_proc in args.num_procs.split(","):
-            command = [sys.executable, str(REPO_ROOT / "process_data.py"), "--input-file", str(input_file)]
-            command += ["--output-file", str(output_file), "--model-name-or-path", args.tokenizer]
-            command += ["--num-proc", num_proc, "--num-examples-to-print", "0"]
-            start = time.perf_counter()
-            subprocess.run(command, check=True, capture_output=True)
-            seconds = time.perf_counter() - start  # whole run, interpreter start and tokenizer loads included
-            num_tokens = sum(json.loads(line)["len"] for line in output_file.open())
-            print(
-                f"process_data --num-proc {num_proc}: {args.num_samples / seconds:.0f} samples/s, "
-                f"{num_tokens / seconds:.0f} tokens/s ({seconds:.1f}s, "
-                f"{num_tokens / args.num_samples:.0f} tokens/sample)"
-            )
+        times: dict[str, list[float]] = {}
+        peer_info: dict = {}
+        for repeat in range(args.repeats):
+            times.setdefault("floor", []).append(floor(args.tokenizer, input_file))
+            for num_proc in num_procs:
+                seconds = run_process_data(args.tokenizer, input_file, output_file, num_proc)
+                times.setdefault(f"pd{num_proc}", []).append(seconds)
+                if args.peer == "trl":
+                    peer_info = run_trl(args.peer_python, args.tokenizer, input_file, peer_file, num_proc)
+                    times.setdefault(f"trl{num_proc}", []).append(peer_info["seconds"])
+            print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()), flush=True)
+
+        num_tokens = sum(json.loads(line)["len"] for line in output_file.open())
+        rate = {k: args.num_samples / statistics.median(v) for k, v in times.items()}
+        per_sample = num_tokens / args.num_samples
+        print(f"\n{args.num_samples} chats, {per_sample:.0f} tokens/sample, medians of {args.repeats} run(s)")
+        print(f"floor (bare apply_chat_template, 1 process): {rate['floor']:.0f} samples/s")
+        for num_proc in num_procs:
+            for key, name in ((f"pd{num_proc}", "process_data"), (f"trl{num_proc}", "TRL SFTTrainer prep")):
+                if key in rate:
+                    print(
+                        f"{name} num_proc {num_proc}: {rate[key]:.0f} samples/s, "
+                        f"{rate[key] * per_sample:.0f} tokens/s, "
+                        f"{rate[key] / rate['floor']:.2f}x the floor"
+                    )
+            if f"trl{num_proc}" in rate:
+                ratio = rate[f"pd{num_proc}"] / rate[f"trl{num_proc}"]
+                print(f"  process_data / TRL at num_proc {num_proc}: {ratio:.2f}x")
+        if args.peer == "trl":
+            print(f"TRL {peer_info['trl']}, masks from {peer_info['template']}")
+            print(f"TRL vs process_data (last run): {compare(output_file, peer_file)}")
 
 
 if __name__ == "__main__":
