@@ -12,9 +12,7 @@ silently wrong label.
 """
 
 import argparse
-import bisect
 import json
-import operator
 import os
 import random
 import re
@@ -306,52 +304,11 @@ def tokenize_sample(tokenizer, info: TemplateInfo, record: dict) -> tuple[list[i
     except Exception as e:  # the template's own raise_exception, or a Jinja error on odd input
         raise ValueError(f"chat template error: {e}") from None
     spans = assistant_spans(messages, text, starts, ends, info)
-    input_ids, offsets = encode_with_offsets(tokenizer, text)
-    return input_ids, label_spans(input_ids, offsets, spans)
-
-
-def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids and character offsets of `text`, exactly as `tokenizer(text, add_special_tokens=False)` gives them.
-
-    Calls the Rust tokenizer directly (skipping transformers' per-call wrapper) when nothing the wrapper would
-    set per call is in effect: no truncation, no padding, special tokens not split.
-    """
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if (
-        backend is not None
-        and not getattr(tokenizer, "split_special_tokens", False)
-        and not backend.encode_special_tokens
-        and backend.truncation is None
-        and backend.padding is None
-    ):
-        encoding = backend.encode(text, add_special_tokens=False)
-        return encoding.ids, encoding.offsets
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return encoding["input_ids"], encoding["offset_mapping"]
-
-
-def label_spans(input_ids: list[int], offsets: list, spans: list[tuple[int, int]]) -> list[int]:
-    """Labels: a token is trained when its characters overlap a span (a zero-width token: when it lies inside one).
-
-    Token offsets almost always run in order, so each span's tokens are one slice found by bisection; otherwise
-    (or with odd offsets) every token is checked in turn, with the same rule.
-    """
+    input_ids = encoding["input_ids"]
     labels = [IGNORE_INDEX] * len(input_ids)
-    if not spans or not input_ids:
-        return labels
-    token_starts, token_ends = zip(*offsets, strict=True)
-    in_order = all(map(operator.le, token_starts, token_ends))
-    in_order = in_order and all(map(operator.le, token_starts, token_starts[1:]))
-    if in_order and all(map(operator.le, token_ends, token_ends[1:])):
-        for span_start, span_end in spans:
-            # The first token that ends after the span starts, or an earlier zero-width token at its start.
-            first = min(bisect.bisect_right(token_ends, span_start), bisect.bisect_left(token_starts, span_start))
-            last = bisect.bisect_left(token_starts, span_end)  # tokens starting before the span ends
-            if last > first:
-                labels[first:last] = input_ids[first:last]
-        return labels
     k = 0
-    for t, (s, e) in enumerate(offsets):
+    for t, (s, e) in enumerate(encoding["offset_mapping"]):
         while k < len(spans) and spans[k][1] <= s:
             k += 1
         if k == len(spans):
@@ -359,7 +316,7 @@ def label_spans(input_ids: list[int], offsets: list, spans: list[tuple[int, int]
         span_start, span_end = spans[k]
         if s < span_end and (e > span_start or (s == e and s >= span_start)):
             labels[t] = input_ids[t]
-    return labels
+    return input_ids, labels
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -370,15 +327,9 @@ _worker: dict = {}
 
 
 def init_worker(model_name_or_path: str, chat_template_path: str | None, max_tokens: int | None, path: str) -> None:
-    """Pool initializer: loads the tokenizer and probes its template once per process.
-
-    A process forked after main() loaded the same tokenizer (or main itself, with --num-proc 1) keeps that one.
-    """
-    key = (model_name_or_path, chat_template_path)
-    if _worker.get("key") != key:
-        tokenizer = load_tokenizer(model_name_or_path, chat_template_path)
-        _worker.update(key=key, tokenizer=tokenizer, info=probe_template(tokenizer))
-    _worker.update(max_tokens=max_tokens, path=path)
+    """Pool initializer: loads the tokenizer and probes its template once per process."""
+    tokenizer = load_tokenizer(model_name_or_path, chat_template_path)
+    _worker.update(tokenizer=tokenizer, info=probe_template(tokenizer), max_tokens=max_tokens, path=path)
 
 
 def process_chunk(chunk: list[tuple[int, str]]) -> list[tuple]:
@@ -395,7 +346,7 @@ def process_chunk(chunk: list[tuple[int, str]]) -> list[tuple]:
         except ValueError as e:  # includes MaskingError
             results.append(("invalid", line_number, str(e)))
             continue
-        num_loss = len(labels) - labels.count(IGNORE_INDEX)
+        num_loss = sum(label != IGNORE_INDEX for label in labels)
         if num_loss == 0:
             results.append(("dropped", line_number, "no trainable token"))
         elif max_tokens is not None and len(input_ids) > max_tokens:
@@ -449,7 +400,6 @@ def main(argv: list[str] | None = None) -> None:
         info = probe_template(tokenizer)
     except (MaskingError, OSError) as e:
         fail(str(e))
-    _worker.update(key=(args.model_name_or_path, args.chat_template), tokenizer=tokenizer, info=info)
     print0(f"chat template: assistant header {info.header!r}, end of turn {info.eot!r}")
 
     from tqdm import tqdm
