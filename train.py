@@ -44,7 +44,16 @@ from checkpoint import (
     save_state,
 )
 from sampler import batches_from, distribute_batch
-from utils import InputError, atomic_directory, atomic_write, fail, iter_jsonl_lines, parse_json_line, print0
+from utils import (
+    InputError,
+    atomic_directory,
+    atomic_write,
+    fail,
+    is_rank0,
+    iter_jsonl_lines,
+    parse_json_line,
+    print0,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -71,10 +80,11 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this."})
     min_samples_per_checkpoint: int = field(
         default=10000, metadata={"help": "Save a Hugging Face checkpoint (and a state) each time the samples seen "
-                                  "pass a multiple of this."}
+                                  "since the last one reach this."}
     )
     save_state_every_samples: int | None = field(
-        default=None, metadata={"help": "Also save a state each time the samples seen pass a multiple of this."}
+        default=None, metadata={"help": "Also save a state each time the samples seen since the last one reach "
+                                 "this."}
     )
     keep_last_states: int = field(default=2, metadata={"help": "Resumable states kept in output-dir/state."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest complete state in output-dir."})
@@ -110,8 +120,8 @@ class TrainConfig:
     )
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention kernel (default: flash_attention_2 if installed, else torch varlen on CUDA, "
-                  "else sdpa)."},
+        metadata={"help": "Attention kernel (default: flash_attention_2 if installed, else flash varlen through "
+                  "torch's own kernels on CUDA, else sdpa)."},
     )
 
 
@@ -181,7 +191,7 @@ def fail_distributed(message: str) -> None:
     """Every rank reaches the same verdict; rank 0 says it, and all leave the process group cleanly."""
     if dist.is_initialized():
         dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_rank0():
         raise SystemExit(1)
     fail(message)
 
@@ -274,10 +284,9 @@ def load_data(config: TrainConfig, vocab_size: int, d: Dist) -> TokenizedData:
                                                            "fingerprint": fingerprint.hexdigest()}))
         except (InputError, OSError) as e:
             error = str(e)
-    errors = [None] * d.world_size
-    dist.all_gather_object(errors, error)
-    if any(errors):
-        fail_distributed(next(e for e in errors if e))
+    error = first_error(error)
+    if error:
+        fail_distributed(error)
     meta = json.loads((cache_dir / "meta.json").read_text())
     data = TokenizedData(**{name: np.load(cache_dir / f"{name}.npy", mmap_mode="r")
                             for name in ("input_ids", "labels", "offsets", "num_loss_tokens")},
@@ -362,7 +371,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
 
 
 def choose_attn_implementation(requested: str | None, device: torch.device) -> str:
-    """Best available kernel that isolates packed samples; registers torch varlen as "varlen"."""
+    """Best available kernel that isolates packed samples; registers varlen_attention_forward as "varlen"."""
     from transformers import AttentionInterface
 
     AttentionInterface.register("varlen", varlen_attention_forward)
@@ -612,6 +621,14 @@ def step_flops(model_config, sample_lengths: np.ndarray) -> float:
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
+def device_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the GPU from its datasheet, or None where unknown (then MFU is not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
 def report_host_memory(d: Dist) -> None:
     """Prints every rank's peak host RSS: only rank 0 reads the weights, so the others should stay small."""
     import resource
@@ -620,14 +637,6 @@ def report_host_memory(d: Dist) -> None:
     per_rank = [None] * d.world_size
     dist.all_gather_object(per_rank, round(peak_rss_gb, 2))
     print0(f"host peak RSS per rank (GB): {per_rank}")
-
-
-def device_peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of the GPU from its datasheet, or None where unknown (then MFU is not reported)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -31,19 +31,26 @@ tied = model.config.tie_word_embeddings and model.lm_head.weight is model.get_in
 logits = model(torch.arange(8)[None]).logits
 print(f"CHECK {out.name}: steps {len(metrics)} loss {first:.3f} -> {last:.3f}, checkpoint {checkpoint.name} "
       f"dtype {model.dtype} tied {tied} finite {bool(torch.isfinite(logits).all())} "
-      f"tok/s {metrics[-1]['tokens_per_second']:.0f} mfu {metrics[-1]['mfu']} mem {metrics[-1]['peak_memory_gb']:.2f}GB")
+      f"tok/s {metrics[-1]['tokens_per_second']:.0f} mfu {metrics[-1]['mfu']} mem {metrics[-1]['peak_memory_gb']} GB")
 assert last < 0.5 * first and torch.isfinite(logits).all()
 EOF
 }
 
-for liger in --use-liger-kernels --no-use-liger-kernels; do
-    run="$WORK/tiny-${NGPU}gpu$liger"
-    rm -rf "$run"
-    torchrun --standalone --nproc-per-node="$NGPU" train.py --data-path "$WORK/demo.jsonl" \
-        --model-name-or-path "$WORK/tiny-model" --output-dir "$run" --batch-size 16 --max-tokens-per-gpu 2048 \
-        --learning-rate 3e-3 --num-warmup-steps 2 --num-epochs 3 --seed 893 $liger 2>&1 | grep -v "it/s" | tail -3
-    check_run "$run"
-done
+train_and_check() {  # model folder under $WORK, then train.py flags: a run with Liger and one without
+    local model=$1
+    shift
+    for liger in --use-liger-kernels --no-use-liger-kernels; do
+        run="$WORK/$model-${NGPU}gpu$liger"
+        rm -rf "$run"
+        torchrun --standalone --nproc-per-node="$NGPU" train.py --data-path "$WORK/demo.jsonl" \
+            --model-name-or-path "$WORK/$model" --output-dir "$run" --num-warmup-steps 2 --seed 893 "$@" $liger \
+            2>&1 | grep -v "it/s" | tail -3
+        check_run "$run"
+        rm -rf "$run/hf_format"  # checked; a 1.5B checkpoint is 3 GB
+    done
+}
+
+train_and_check tiny-model --batch-size 16 --max-tokens-per-gpu 2048 --learning-rate 3e-3 --num-epochs 3
 
 # Qwen2.5-1.5B shape, random init, on the demo chats (tokenized with the tiny tokenizer: ids < 320 < vocab)
 python - "$WORK" <<'EOF'
@@ -57,12 +64,4 @@ model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**QWEN25_15B, dtyp
 model.save_pretrained(f"{work}/qwen1.5b")
 AutoTokenizer.from_pretrained(f"{work}/tiny-model").save_pretrained(f"{work}/qwen1.5b")
 EOF
-for liger in --use-liger-kernels --no-use-liger-kernels; do
-    run="$WORK/qwen1.5b-${NGPU}gpu$liger"
-    rm -rf "$run"
-    torchrun --standalone --nproc-per-node="$NGPU" train.py --data-path "$WORK/demo.jsonl" \
-        --model-name-or-path "$WORK/qwen1.5b" --output-dir "$run" --batch-size 32 --max-tokens-per-gpu 4096 \
-        --learning-rate 1e-4 --num-warmup-steps 2 --num-epochs 2 --seed 893 $liger 2>&1 | grep -v "it/s" | tail -3
-    check_run "$run"
-    rm -rf "$run/hf_format"
-done
+train_and_check qwen1.5b --batch-size 32 --max-tokens-per-gpu 4096 --learning-rate 1e-4 --num-epochs 2
