@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -168,8 +169,11 @@ class Dist:
 def init_distributed() -> Dist:
     """Joins torchrun's process group (or makes a one-process group when run with plain python)."""
     if "RANK" not in os.environ:
+        with socket.socket() as s:  # a port the OS says is free, not one derived from the pid that may be taken
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
