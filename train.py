@@ -54,6 +54,7 @@ from utils import (
     iter_jsonl_lines,
     parse_json_line,
     print0,
+    run_and_exit,
 )
 
 
@@ -981,4 +982,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

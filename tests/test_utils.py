@@ -43,3 +43,23 @@ def test_atomic_directory_leaves_nothing_on_error(tmp_path):
     with atomic_directory(target) as tmp:
         (tmp / "weights").write_text("full")
     assert (target / "weights").read_text() == "full"
+
+
+@pytest.mark.parametrize("body, exit_code, stderr", [
+    ("print('done')", 0, ""),
+    ("utils.fail('bad input', 3)", 3, "error: bad input"),
+    ("sys.exit('stopped')", 1, "stopped"),
+    ("sys.exit()", 0, ""),
+])
+def test_run_and_exit_keeps_the_exit_code_and_flushes(body, exit_code, stderr):
+    """train.py leaves through os._exit; what main printed and the code it chose must survive that."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    script = f"import sys, utils\ndef main():\n    print('started', end='')\n    {body}\nutils.run_and_exit(main)\n"
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == exit_code
+    assert result.stdout.startswith("started")  # unflushed output is not lost
+    assert stderr in result.stderr
