@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from utils import (
     atomic_directory,
     atomic_write,
     fail,
+    free_port,
     is_rank0,
     iter_jsonl_lines,
     parse_json_line,
@@ -170,11 +170,8 @@ class Dist:
 def init_distributed() -> Dist:
     """Joins torchrun's process group (or makes a one-process group when run with plain python)."""
     if "RANK" not in os.environ:
-        with socket.socket() as s:  # a port the OS says is free, not one derived from the pid that may be taken
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)

@@ -5,11 +5,19 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
+
+
+def free_port() -> int:
+    """A TCP port the OS says is free now, for a rendezvous (safer than one derived from the pid)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def is_rank0() -> bool:

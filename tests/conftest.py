@@ -40,14 +40,6 @@ def real_tokenizers_dir() -> Path:
     return path
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_train(args: list[str], nproc: int = 1, check: bool = True, extra_torchrun: list[str] | None = None,
               env: dict[str, str] | None = None, preexec_fn=None):
     """Runs train.py as users do: plain python for one process, torchrun (gloo on CPU) for several.

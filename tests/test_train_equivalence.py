@@ -174,7 +174,9 @@ def test_two_simulated_nodes_hybrid_shard_matches_full_shard(tmp_path, tiny_mode
     import subprocess
     import sys
 
-    from conftest import REPO_ROOT, free_port
+    from conftest import REPO_ROOT
+
+    from utils import free_port
 
     port = free_port()
     output_dir = tmp_path / "hybrid"
