@@ -882,8 +882,8 @@ def main(argv: list[str] | None = None) -> None:
     model, full_state_dict, buffers = load_model(config, attn_implementation, d)
     if config.use_liger_kernels:
         apply_liger(model)
-    use_checkpointing, why = choose_activation_checkpointing(
-        config, model_config, sum(p.numel() for p in model.parameters()), d)
+    num_params = sum(p.numel() for p in model.parameters())
+    use_checkpointing, why = choose_activation_checkpointing(config, model_config, num_params, d)
     print0(f"activation checkpointing {'on' if use_checkpointing else 'off'} ({why})")
     if use_checkpointing:
         apply_activation_checkpointing(model)
@@ -892,7 +892,7 @@ def main(argv: list[str] | None = None) -> None:
     materialize_weights(wrapper, full_state_dict, buffers, d)
     del full_state_dict, buffers
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path) if d.rank == 0 else None
-    print0(f"model {config.model_name_or_path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+    print0(f"model {config.model_name_or_path}: {num_params / 1e6:.1f}M parameters, "
            f"attention {attn_implementation}, compute {compute_dtype}, {d.world_size} ranks, "
            f"{config.fsdp_sharding_strategy}")
 
