@@ -1,22 +1,24 @@
-"""Resumable training state: what a killed run needs to continue as if nothing had happened.
+"""Everything that writes or reads a run's outputs: Hugging Face checkpoints, resumable states, the choice of the
+state to resume from, and preemption.
 
+    output_dir/hf_format/samples_<N>/   a Hugging Face checkpoint (weights in the model's dtype, config, tokenizer)
     output_dir/state/step_<S>/
         .metadata, __<r>_0.distcp   model and optimizer, sharded by torch.distributed.checkpoint (reshardable)
         trainer_state.json          progress (step, data position, counters), LR scheduler, run parameters
         rng_rank_<r>.pt             RNG states of rank r: torch, CUDA, numpy, python
         COMPLETE                    written last; a folder without it is never loaded
 
-A state is written into `state/.step_<S>.tmp` and renamed to `step_<S>` once complete, so a crash at any moment
-leaves the earlier states as they were. Every rank writes its shards into the same folder: the filesystem must be
-shared, as it is for the Hugging Face checkpoints.
+Both are written into a temporary folder renamed once complete, so a crash at any moment leaves the earlier ones as
+they were. Every rank writes its shards of a state into the same folder: the filesystem must be shared, as it is
+for the Hugging Face checkpoints.
 """
-
 import dataclasses
 import json
 import os
 import random
 import shutil
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from distributed import Dist, broadcast_from_rank0, fail_distributed, first_error
+from utils import atomic_directory, print0
 
 STATE_DIR = "state"
 MARKER = "COMPLETE"
@@ -91,13 +101,6 @@ def prune_states(output_dir: str | os.PathLike, keep_last: int) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Saving and loading
-
-
-def first_error(error: str | None) -> str | None:
-    """Every rank learns the first error of any rank, so that all take the same branch (and collectives)."""
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
 
 
 def describe(error: BaseException) -> str:
@@ -220,6 +223,125 @@ def changed_params(saved: dict, current: dict) -> tuple[list[str], list[str]]:
         change = f"{name}: {saved.get(name)} -> {current.get(name)}"
         (breaking if name in DATA_ORDER_PARAMS else other).append(change)
     return breaking, other
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The resume choice
+
+
+def choose_resume_state(output_dir: str, resume: bool, resume_from: str | None, overwrite: bool,
+                        d: Dist) -> Path | None:
+    """The state to continue from, decided on rank 0. An output dir that holds a run is never written over
+    silently: it is resumed, or started over with --overwrite, which deletes the earlier run's outputs."""
+    output_dir = Path(output_dir)
+    verdict, error = None, None
+    if d.rank == 0:
+        if resume_from:
+            verdict = Path(resume_from)
+        elif resume:
+            verdict = latest_state(output_dir)
+            if verdict is None:
+                print0(f"--resume: no complete state in {output_dir / STATE_DIR}; starting fresh")
+        earlier = [name for name in ("training_metrics.jsonl", "hf_format", STATE_DIR)
+                   if (output_dir / name).exists()]
+        if earlier and overwrite:
+            print0(f"--overwrite: deleting {', '.join(earlier)} of the earlier run in {output_dir}")
+            for name in (*earlier, "training_params.json"):
+                target = output_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        elif earlier and verdict is None and not resume:
+            error = (f"--output-dir {output_dir} already holds a run ({', '.join(earlier)}); pass --resume to "
+                     "continue it, or --overwrite to start over (deletes its checkpoints, states and metrics)")
+    verdict, error = broadcast_from_rank0((verdict, error))
+    if error:
+        fail_distributed(error)
+    return verdict
+
+
+def check_resume_params(saved: dict, run_params: dict, force_resume: bool, path: Path) -> None:
+    """Refuses a resume whose data order would differ from the saved run's, unless --force-resume."""
+    breaking, other = changed_params(saved, run_params)
+    if breaking and not force_resume:
+        fail_distributed(f"cannot resume from {path}: the data order would change ({'; '.join(breaking)}). "
+                         "Resume with the saved settings, or pass --force-resume to continue anyway")
+    for change in breaking + other:
+        print0(f"resuming with a changed setting: {change}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hugging Face checkpoints, and the Checkpointer that saves them with the states
+
+
+def hf_checkpoint_path(output_dir: str | os.PathLike, samples_seen: int) -> Path:
+    return Path(output_dir) / "hf_format" / f"samples_{samples_seen}"
+
+
+def save_hf_checkpoint(wrapper: torch.nn.Module, tokenizer, output_dir: str | os.PathLike, samples_seen: int,
+                       d: Dist) -> str | None:
+    """Gathers the full weights to CPU on rank 0 and writes them in Hugging Face format, in the model's original
+    dtype, into a temporary folder renamed at the end: a crash never leaves a half checkpoint.
+
+    Returns None, or what failed (the same on every rank): a full disk costs this checkpoint, not the run."""
+    model = wrapper.model
+    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    path = hf_checkpoint_path(output_dir, samples_seen)
+    error = None
+    if d.rank == 0:
+        save_dtype = model.config.dtype
+        if isinstance(save_dtype, str):
+            save_dtype = getattr(torch, save_dtype)
+        state_dict = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        try:
+            with atomic_directory(path) as tmp:
+                model.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")
+                model.config.dtype = save_dtype  # save_pretrained wrote the fp32 training copy's dtype
+                model.config.save_pretrained(tmp)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+            print0(f"saved {path}")
+        except Exception as e:  # disk full, permission: safetensors and transformers raise their own types
+            error = f"could not save the Hugging Face checkpoint {path}: {describe(e)}"
+    return first_error(error)
+
+
+@dataclass
+class Checkpointer:
+    """Saves Hugging Face checkpoints and resumable states of the run. A failed save (full disk, permission) is
+    reported and costs only itself: the earlier checkpoints and states stay intact and training goes on."""
+
+    wrapper: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    tokenizer: object
+    output_dir: str
+    keep_last_states: int
+    run_params: dict
+    d: Dist
+
+    def save(self, progress: Progress, hf: bool) -> bool:
+        """A Hugging Face checkpoint (when `hf`) and a state of this step; True if both were written."""
+        samples_seen = progress.samples_seen
+        errors = [
+            save_hf_checkpoint(self.wrapper, self.tokenizer, self.output_dir, samples_seen, self.d) if hf else None,
+            save_state(self.output_dir, self.wrapper, self.optimizer, self.scheduler, progress, self.run_params,
+                       self.keep_last_states),
+        ]
+        for error in filter(None, errors):
+            if self.d.rank == 0:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+        return not any(errors)
+
+    def missing(self, progress: Progress) -> tuple[bool, bool]:
+        """Whether the Hugging Face checkpoint and the state of this step are still to be written (rank 0 looks)."""
+        state_path = Path(self.output_dir) / STATE_DIR / f"step_{progress.step}"
+        return broadcast_from_rank0((not hf_checkpoint_path(self.output_dir, progress.samples_seen).is_dir(),
+                                     not is_complete(state_path)))
+
+
+def save_due(samples_seen: int, samples_at_last_save: int, every: int | None) -> bool:
+    """A save is due each time the samples seen since the last one reach `every`. The counters are part of
+    the saved state, so a resumed run saves at the same moments as an uninterrupted one."""
+    return every is not None and samples_seen - samples_at_last_save >= every
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import model  # noqa: E402
 import train  # noqa: E402
 from utils import run_and_exit  # noqa: E402
 
@@ -188,14 +189,14 @@ def main() -> None:
         write_workload(data_path, args.num_samples, config_kwargs["vocab_size"])
 
     if args.loss or args.liger_chunk_mem_const:
-        original_init = train.CausalLMWithSummedLoss.__init__
+        original_init = model.CausalLMWithSummedLoss.__init__
 
         def init_with_loss_override(self, *a, **k):
             original_init(self, *a, **k)
             self.loss_impl = args.loss or self.loss_impl
             self.liger_chunk_mem_const = args.liger_chunk_mem_const or self.liger_chunk_mem_const
 
-        train.CausalLMWithSummedLoss.__init__ = init_with_loss_override
+        model.CausalLMWithSummedLoss.__init__ = init_with_loss_override
     if args.profile_step and torch.cuda.is_available():
         profile_train_step(args.profile_step, Path(args.profile_dir or work_dir / "profile"))
     # The same folder on every rank under torchrun (create the model and data with one process first).
@@ -223,7 +224,7 @@ def main() -> None:
         mfu = sum(m["mfu"] * m["num_tokens"] / m["tokens_per_second"] for m in timed) / seconds
         result.update(
             device=torch.cuda.get_device_name(device), measured_matmul_tflops=round(measured_peak / 1e12, 1),
-            mfu_vs_measured_peak=round(mfu * train.device_peak_flops(device) / measured_peak, 4),
+            mfu_vs_measured_peak=round(mfu * model.device_peak_flops(device) / measured_peak, 4),
             mfu_vs_datasheet=round(mfu, 4), peak_memory_gb=round(max(m["peak_memory_gb"] for m in metrics), 2),
         )
     result.update(

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-import train
+from data import TokenizedData, pack_micro_batch
+from model import CausalLMWithSummedLoss, choose_attn_implementation, chunked_cross_entropy_sum
 from tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def packed_data(samples):
-    return train.TokenizedData(
+    return TokenizedData(
         input_ids=np.concatenate([s for s in samples]).astype(np.int32),
         labels=np.concatenate([s for s in samples]).astype(np.int32),
         offsets=np.concatenate([[0], np.cumsum([len(s) for s in samples])]),
@@ -37,16 +38,16 @@ def relative_error(a, b):
 def test_varlen_packed_equals_separate_sdpa(arch):
     """Packed micro-batch through varlen attention == each sample alone through sdpa, in bf16."""
     device = torch.device("cuda")
-    train.choose_attn_implementation(None, device)
+    choose_attn_implementation(None, device)
     rng = np.random.default_rng(0)
     samples = [rng.integers(3, 300, n) for n in (37, 101, 5, 64)]
     model = build_tiny_model(300, arch=arch, seed=0).to(device, torch.bfloat16)
-    wrapper = train.CausalLMWithSummedLoss(model, use_liger=False)
+    wrapper = CausalLMWithSummedLoss(model, use_liger=False)
     data = packed_data(samples)
-    batch = train.pack_micro_batch(data, list(range(len(samples))), device)
+    batch = pack_micro_batch(data, list(range(len(samples))), device)
 
     model.config._attn_implementation = "sdpa"
-    separate_batches = [train.pack_micro_batch(packed_data([s]), [0], device) for s in samples]
+    separate_batches = [pack_micro_batch(packed_data([s]), [0], device) for s in samples]
     separate_hidden = torch.cat([decoder_output(model, b) for b in separate_batches])
     separate_loss = sum(wrapper(b) for b in separate_batches)
     model.config._attn_implementation = "varlen"
@@ -75,7 +76,7 @@ def test_liger_fused_loss_equals_chunked_loss():
 
     liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, targets)
     liger_grads = torch.autograd.grad(liger, [hidden, weight])
-    chunked = train.chunked_cross_entropy_sum(hidden, weight, targets, softcap=None, chunk_size=1024)
+    chunked = chunked_cross_entropy_sum(hidden, weight, targets, softcap=None, chunk_size=1024)
     chunked_grads = torch.autograd.grad(chunked, [hidden, weight])
     reference = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
     torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-3)

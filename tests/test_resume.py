@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, run_train, write_tokenized_samples
 from safetensors.torch import load_file
 
 import checkpoint
-from train import save_due
+from checkpoint import save_due
 
 # 20 samples in batches of 3: 7 steps an epoch (the last one of 2 samples), 14 steps in 2 epochs.
 NUM_STEPS = 14
@@ -305,13 +305,13 @@ def test_bad_data_line_is_a_clear_error_before_training(bad_data_results, name):
 def test_more_bad_data_lines_name_their_line(tmp_path, data_path, name):
     import re
 
-    import train
+    from data import read_tokenized_jsonl
     from utils import InputError
 
     line, message = MORE_BAD_LINES[name]
     path = with_bad_line(data_path, line, tmp_path / "bad.jsonl")
     with pytest.raises(InputError, match=re.escape(f"{path}:4: {message}")):
-        train.read_tokenized_jsonl(str(path), max_tokens_per_gpu=64, vocab_size=320)
+        read_tokenized_jsonl(str(path), max_tokens_per_gpu=64, vocab_size=320)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -38,20 +38,6 @@ def test_defaults_are_the_dataclass_defaults():
     assert config.use_liger_kernels and config.max_steps == 3 and config.dtype == "bf16"
 
 
-def test_flops_count():
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model("qwen2", vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
-                                  num_attention_heads=2, num_key_value_heads=1)
-    # q,o: 8x8 each; k,v: 8x4 each; mlp 3 x 8x16; head 8x100
-    per_layer = 64 + 64 + 32 + 32 + 3 * 128
-    assert train.matmul_params(config) == 2 * per_layer + 800
-    import numpy as np
-
-    lengths = np.array([3, 5])
-    assert train.step_flops(config, lengths) == 6 * (2 * per_layer + 800) * 8 + 6 * 2 * 8 * (9 + 25)
-
-
 def base_args(data_path, model_dir, output_dir, *extra):
     return ["--data-path", str(data_path), "--model-name-or-path", str(model_dir), "--output-dir", str(output_dir),
             "--learning-rate", "3e-3", "--num-warmup-steps", "2", "--seed", "7", *extra]

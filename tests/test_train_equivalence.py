@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import run_train, write_tokenized_samples
 from transformers import AutoModelForCausalLM
 
-import train
+from data import TokenizedData, pack_micro_batch
 from tiny_model import build_tiny_model
 
 LEARNING_RATE = 1e-3
@@ -26,13 +26,13 @@ def per_sample_losses_separately(model, samples):
 
 def per_sample_losses_packed(model, samples, position_ids=None):
     """CE sum of each sample, computed from one packed row with the trainer's packing."""
-    data = train.TokenizedData(
+    data = TokenizedData(
         input_ids=np.concatenate([s[0] for s in samples]).astype(np.int32),
         labels=np.concatenate([s[1] for s in samples]).astype(np.int32),
         offsets=np.concatenate([[0], np.cumsum([len(s[0]) for s in samples])]),
         num_loss_tokens=np.array([sum(t != -100 for t in s[1][1:]) for s in samples]),
     )
-    batch = train.pack_micro_batch(data, list(range(len(samples))), torch.device("cpu"))
+    batch = pack_micro_batch(data, list(range(len(samples))), torch.device("cpu"))
     logits = model(batch.input_ids, position_ids=batch.position_ids if position_ids is None else position_ids,
                    use_cache=False).logits[0]
     token_losses = torch.zeros(batch.num_tokens)
@@ -76,29 +76,6 @@ def test_packed_samples_attending_to_each_other_would_be_caught():
     total = sum(len(s[0]) for s in samples)
     leaky, _ = per_sample_losses_packed(model, samples, position_ids=torch.arange(total)[None])
     assert not torch.allclose(leaky[1], separate[1], rtol=1e-3)
-
-
-def test_labels_never_shift_across_samples():
-    samples = make_samples(300, lengths=(4, 3))
-    data = train.TokenizedData(
-        input_ids=np.array(samples[0][0] + samples[1][0], np.int32),
-        labels=np.array(samples[0][1] + samples[1][1], np.int32),
-        offsets=np.array([0, 4, 7]),
-        num_loss_tokens=np.array([3, 2]),
-    )
-    batch = train.pack_micro_batch(data, [0, 1], torch.device("cpu"))
-    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2]]
-    assert batch.cu_seqlens.tolist() == [0, 4, 7]
-    # Position 3 is sample 0's last token: it must not predict sample 1's first token.
-    assert batch.loss_positions.tolist() == [0, 1, 2, 4, 5]
-    assert batch.loss_targets.tolist() == samples[0][1][1:] + samples[1][1][1:]
-
-
-def test_empty_micro_batch_has_no_loss_token():
-    data = train.TokenizedData(np.array([5, 6], np.int32), np.array([5, 6], np.int32), np.array([0, 2]),
-                               np.array([1]))
-    batch = train.pack_micro_batch(data, [], torch.device("cpu"))
-    assert batch.num_tokens == 1 and batch.loss_positions.numel() == 0
 
 
 def reference_step(model_dir, data_path, max_grad_norm=1.0):

@@ -1,0 +1,150 @@
+"""Tokenized data to micro-batches: process_data.py's JSONL is validated once, cached as flat arrays that every rank
+memory-maps, and packed into padding-free rows whose samples never see each other."""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distributed import Dist, fail_distributed, first_error
+from utils import InputError, atomic_directory, iter_jsonl_lines, parse_json_line, print0
+
+
+@dataclass
+class TokenizedData:
+    input_ids: np.ndarray  # all samples concatenated (int32)
+    labels: np.ndarray  # same layout; -100 where no loss
+    offsets: np.ndarray  # sample i is [offsets[i], offsets[i+1])
+    num_loss_tokens: np.ndarray  # per sample: labels that are predicted, i.e. labels[1:] != -100
+    fingerprint: str = ""  # sha1 of the arrays: a resumed run checks it trains on the same samples
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+def read_tokenized_jsonl(path: str, max_tokens_per_gpu: int, vocab_size: int) -> tuple[dict, dict]:
+    """Validates every line and returns the flat arrays plus counts of dropped samples by reason."""
+    ids_chunks, label_chunks, lengths, loss_counts = [], [], [], []
+    dropped = {"longer than --max-tokens-per-gpu": 0, "no trainable token": 0}
+    for line_number, line in iter_jsonl_lines(path):
+        record = parse_json_line(path, line_number, line)
+        if "input_ids" not in record or "labels" not in record:
+            hint = " (it looks like chat data: run process_data.py first)" if "messages" in record else ""
+            raise InputError(path, line_number, f"missing 'input_ids' or 'labels'{hint}")
+        input_ids, labels = record["input_ids"], record["labels"]
+        if not isinstance(input_ids, list) or not isinstance(labels, list) or len(input_ids) != len(labels):
+            raise InputError(path, line_number, "'input_ids' and 'labels' must be lists of the same length")
+        if not input_ids:
+            raise InputError(path, line_number, "empty 'input_ids'")
+        try:
+            ids_array = np.asarray(input_ids, dtype=np.int64)
+            labels_array = np.asarray(labels, dtype=np.int64)
+        except (TypeError, ValueError):
+            raise InputError(path, line_number, "'input_ids' and 'labels' must hold integers") from None
+        if ids_array.min() < 0 or ids_array.max() >= vocab_size:
+            raise InputError(path, line_number, f"token id out of the model's vocabulary (size {vocab_size})")
+        bad_labels = (labels_array != -100) & ((labels_array < 0) | (labels_array >= vocab_size))
+        if bad_labels.any():
+            raise InputError(path, line_number, f"label out of the model's vocabulary (size {vocab_size}) "
+                             "and not -100")
+        if len(ids_array) > max_tokens_per_gpu:
+            dropped["longer than --max-tokens-per-gpu"] += 1
+            continue
+        num_loss_tokens = int((labels_array[1:] != -100).sum())
+        if num_loss_tokens == 0:
+            dropped["no trainable token"] += 1
+            continue
+        ids_chunks.append(ids_array.astype(np.int32))
+        label_chunks.append(labels_array.astype(np.int32))
+        lengths.append(len(ids_array))
+        loss_counts.append(num_loss_tokens)
+    arrays = {
+        "input_ids": np.concatenate(ids_chunks) if ids_chunks else np.zeros(0, np.int32),
+        "labels": np.concatenate(label_chunks) if label_chunks else np.zeros(0, np.int32),
+        "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        "num_loss_tokens": np.asarray(loss_counts, dtype=np.int64),
+    }
+    return arrays, dropped
+
+
+def load_data(data_path: str, output_dir: str, max_tokens_per_gpu: int, vocab_size: int, d: Dist) -> TokenizedData:
+    """One process per node validates the JSONL and writes the cache; then every rank memory-maps it.
+
+    Memory-mapping keeps host memory flat in the number of ranks: each rank touches only the samples it packs.
+    """
+    stat = os.stat(data_path)
+    key = "|".join(map(str, (os.path.abspath(data_path), stat.st_size, stat.st_mtime_ns,
+                             max_tokens_per_gpu, vocab_size)))
+    cache_dir = Path(output_dir) / ".data_cache" / hashlib.sha1(key.encode()).hexdigest()[:16]
+    error = None
+    if d.local_rank == 0 and not (cache_dir / "meta.json").exists():
+        try:
+            arrays, dropped = read_tokenized_jsonl(data_path, max_tokens_per_gpu, vocab_size)
+            fingerprint = hashlib.sha1()
+            for array in arrays.values():
+                fingerprint.update(array.tobytes())
+            with atomic_directory(cache_dir) as tmp:
+                for name, array in arrays.items():
+                    np.save(tmp / f"{name}.npy", array)
+                (tmp / "meta.json").write_text(json.dumps({"dropped": dropped,
+                                                           "fingerprint": fingerprint.hexdigest()}))
+        except (InputError, OSError) as e:
+            error = str(e)
+    error = first_error(error)
+    if error:
+        fail_distributed(error)
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    data = TokenizedData(**{name: np.load(cache_dir / f"{name}.npy", mmap_mode="r")
+                            for name in ("input_ids", "labels", "offsets", "num_loss_tokens")},
+                         fingerprint=meta["fingerprint"])
+    for reason, count in meta["dropped"].items():
+        if count:
+            print0(f"dropped {count} samples: {reason}")
+    return data
+
+
+@dataclass
+class MicroBatch:
+    """One packed row: samples concatenated, positions restarting at 0, no padding."""
+
+    input_ids: torch.Tensor  # (1, T)
+    position_ids: torch.Tensor  # (1, T)
+    loss_positions: torch.Tensor  # (N,) indices into the row of tokens that predict a label
+    loss_targets: torch.Tensor  # (N,) the label each of those positions predicts
+    cu_seqlens: torch.Tensor  # (num_samples + 1,) int32, for variable-length attention
+    max_seqlen: int
+    num_tokens: int
+
+
+def pack_micro_batch(data: TokenizedData, sample_ids: list[int], device: torch.device) -> MicroBatch:
+    """Packs samples into one row. Labels are shifted within each sample, so a sample's last token never
+    predicts the next sample's first token. An empty list gives a one-token row with no loss (a rank with
+    fewer samples still runs every micro-batch, since FSDP's collectives must match)."""
+    if not sample_ids:
+        ids, positions, targets, lengths = np.zeros(1, np.int64), np.zeros(1, np.int64), np.full(1, -100), [1]
+    else:
+        spans = [(int(data.offsets[i]), int(data.offsets[i + 1])) for i in sample_ids]
+        lengths = [end - start for start, end in spans]
+        ids = np.concatenate([data.input_ids[start:end] for start, end in spans]).astype(np.int64)
+        positions = np.concatenate([np.arange(length) for length in lengths])
+        targets = np.concatenate([np.append(data.labels[start + 1:end], -100) for start, end in spans])
+    loss_positions = np.flatnonzero(targets != -100)
+    to_device = lambda a, dtype=torch.long: torch.as_tensor(a, dtype=dtype).to(device, non_blocking=True)  # noqa: E731
+    return MicroBatch(
+        input_ids=to_device(ids)[None],
+        position_ids=to_device(positions)[None],
+        loss_positions=to_device(loss_positions),
+        loss_targets=to_device(targets[loss_positions]),
+        cu_seqlens=to_device(np.concatenate([[0], np.cumsum(lengths)]), torch.int32),
+        max_seqlen=int(max(lengths)),
+        num_tokens=int(sum(lengths)),
+    )
+
