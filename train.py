@@ -34,7 +34,14 @@ from checkpoint import (
     save_due,
 )
 from data import TokenizedData, load_data, pack_micro_batch
-from distributed import Dist, cleanup_distributed, fail_distributed, init_distributed, report_host_memory
+from distributed import (
+    Dist,
+    cleanup_distributed,
+    fail_distributed,
+    init_distributed,
+    report_host_memory,
+    run_and_exit,
+)
 from model import (
     CausalLMWithSummedLoss,
     apply_activation_checkpointing,
@@ -49,7 +56,7 @@ from model import (
     step_flops,
 )
 from sampler import batches_from, distribute_batch
-from utils import atomic_write, fail, print0, run_and_exit
+from utils import atomic_write, fail, print0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

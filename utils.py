@@ -1,23 +1,14 @@
 """What process_data.py and train.py share: rank-0 logging, input errors that name file and line,
-JSONL reading, and atomic writes."""
+JSONL reading, atomic writes, and a clean exit with a message."""
 
 import contextlib
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
-
-
-def free_port() -> int:
-    """A TCP port the OS says is free now, for a rendezvous (safer than one derived from the pid)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def is_rank0() -> bool:
@@ -117,24 +108,3 @@ def fail(message: str, exit_code: int = 1) -> None:
     """Prints a user-facing error without a traceback and exits."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(exit_code)
-
-
-def run_and_exit(main: Callable[[], None]) -> NoReturn:
-    """Runs a distributed entry point, then leaves without the interpreter's teardown.
-
-    DTensor's sharding caches keep the device mesh, and with it the process group and gloo's threads, alive after
-    destroy_process_group. Destroying them while the interpreter shuts down aborts now and then ("terminate called
-    without an active exception", about 2 in 100 two-rank CPU runs here), which fails a finished run.
-    By the time `main` returns or calls fail(), every output file is closed."""
-    exit_code = 0
-    try:
-        main()
-    except SystemExit as exit_request:  # fail() and argparse have printed their message; keep their code
-        if isinstance(exit_request.code, int):
-            exit_code = exit_request.code
-        elif exit_request.code is not None:  # sys.exit("message"), as Python itself would do
-            print(exit_request.code, file=sys.stderr)
-            exit_code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model  # noqa: E402
 import train  # noqa: E402
-from utils import run_and_exit  # noqa: E402
+from distributed import run_and_exit  # noqa: E402
 
 QWEN25_15B = dict(
     model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,

@@ -153,7 +153,7 @@ def test_two_simulated_nodes_hybrid_shard_matches_full_shard(tmp_path, tiny_mode
 
     from conftest import REPO_ROOT
 
-    from utils import free_port
+    from distributed import free_port
 
     port = free_port()
     output_dir = tmp_path / "hybrid"

@@ -58,7 +58,8 @@ def test_run_and_exit_keeps_the_exit_code_and_flushes(body, exit_code, stderr):
 
     from conftest import REPO_ROOT
 
-    script = f"import sys, utils\ndef main():\n    print('started', end='')\n    {body}\nutils.run_and_exit(main)\n"
+    script = (f"import sys, utils, distributed\ndef main():\n    print('started', end='')\n    {body}\n"
+              "distributed.run_and_exit(main)\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == exit_code
     assert result.stdout.startswith("started")  # unflushed output is not lost
