@@ -54,6 +54,7 @@ from model import (
     load_model,
     materialize_weights,
     step_flops,
+    unsupported_feature,
 )
 from sampler import batches_from, distribute_batch
 from utils import atomic_write, fail, print0
@@ -123,8 +124,8 @@ class TrainConfig:
     )
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention kernel (default: flash_attention_2 if installed, else flash varlen through "
-                  "torch's own kernels on CUDA, else sdpa)."},
+        metadata={"help": "Attention kernel (default: packed, mini_trainer's own: flash varlen kernels, or "
+                  "flex_attention for softcaps, on CUDA; transformers' eager math on CPU)."},
     )
 
 
@@ -285,8 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     # Model
     compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[config.dtype or
                                                                     ("bf16" if d.device.type == "cuda" else "fp32")]
-    attn_implementation = choose_attn_implementation(config.attn_implementation, d.device)
-    model, full_state_dict, buffers = load_model(config.model_name_or_path, attn_implementation, d)
+    attn_implementation = choose_attn_implementation(config.attn_implementation)
+    model, full_state_dict, buffers, own_head_reason = load_model(config.model_name_or_path, attn_implementation, d)
     if config.use_liger_kernels:
         apply_liger(model)
     num_params = sum(p.numel() for p in model.parameters())
@@ -296,10 +297,14 @@ def main(argv: list[str] | None = None) -> None:
     print0(f"activation checkpointing {'on' if use_checkpointing else 'off'} ({why})")
     if use_checkpointing:
         apply_activation_checkpointing(model)
-    wrapper = CausalLMWithSummedLoss(model, config.use_liger_kernels)
+    wrapper = CausalLMWithSummedLoss(model, config.use_liger_kernels, own_head_reason)
     apply_fsdp(wrapper, config.fsdp_sharding_strategy, compute_dtype, d)
     materialize_weights(wrapper, full_state_dict, buffers, d)
     del full_state_dict, buffers
+    problem = unsupported_feature(wrapper, pack_micro_batch(data, list(range(min(2, len(data)))), d.device))
+    if problem:
+        fail_distributed(f"{config.model_name_or_path} cannot be trained exactly: {problem}")
+    print0(f"loss: {wrapper.describe_loss()}")
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path) if d.rank == 0 else None
     print0(f"model {config.model_name_or_path}: {num_params / 1e6:.1f}M parameters, "
            f"attention {attn_implementation}, compute {compute_dtype}, {d.world_size} ranks, "
