@@ -31,14 +31,14 @@ def family_samples(lengths=(7, 12, 5, 9), seed=0) -> list[tuple[list[int], list[
     return samples
 
 
-def packed_batch(samples):
+def packed_batch(samples, device: torch.device | str = "cpu"):
     data = TokenizedData(
         input_ids=np.concatenate([ids for ids, _ in samples]).astype(np.int32),
         labels=np.concatenate([labels for _, labels in samples]).astype(np.int32),
         offsets=np.concatenate([[0], np.cumsum([len(ids) for ids, _ in samples])]),
         num_loss_tokens=np.array([sum(t != -100 for t in labels[1:]) for _, labels in samples]),
     )
-    return pack_micro_batch(data, list(range(len(samples))), torch.device("cpu"))
+    return pack_micro_batch(data, list(range(len(samples))), device)
 
 
 def own_loss_sum(model, samples, attn_implementation="eager"):
@@ -47,27 +47,28 @@ def own_loss_sum(model, samples, attn_implementation="eager"):
     (a padded batch, padding masked) once per loss token: what CausalLMWithSummedLoss adds for a micro-batch."""
     model.config._attn_implementation = attn_implementation
     moe = {"output_router_logits": False} if hasattr(model.config, "router_aux_loss_coef") else {}
+    tensor = lambda rows: torch.tensor(rows, device=model.device)  # noqa: E731
     total, num_loss_tokens = 0.0, 0
     for ids, labels in samples:
         n = sum(t != -100 for t in labels[1:])
-        output = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]), use_cache=False, **moe)
-        total = total + output.loss * n
+        output = model(input_ids=tensor([ids]), labels=tensor([labels]), use_cache=False, **moe)
+        total = total + output.loss.float() * n
         num_loss_tokens += n
     if moe:
         longest = max(len(ids) for ids, _ in samples)
-        input_ids = torch.tensor([ids + [0] * (longest - len(ids)) for ids, _ in samples])
-        mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids, _ in samples])
+        input_ids = tensor([ids + [0] * (longest - len(ids)) for ids, _ in samples])
+        mask = tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids, _ in samples])
         aux_loss = model(input_ids=input_ids, attention_mask=mask, use_cache=False, output_router_logits=True).aux_loss
         total = total + model.config.router_aux_loss_coef * aux_loss * num_loss_tokens
     return total
 
 
-def trainer_loss_sum(model, samples, loss_impl=None):
-    """The trainer's summed loss: attention, loss path and head check as train.py sets them up."""
-    reason = own_head_reason(model)  # on the model's own attention, as load_model runs it on rank 0
+def trainer_loss_sum(model, samples, head_reason, loss_impl=None):
+    """The trainer's summed loss: attention and loss path as train.py sets them up, given own_head_reason's verdict
+    (which load_model finds on an fp32 copy of the model, in its own attention)."""
     model.config._attn_implementation = choose_attn_implementation(None)
-    return CausalLMWithSummedLoss(model, use_liger=False, own_head_reason=reason, loss_impl=loss_impl)(
-        packed_batch(samples))
+    return CausalLMWithSummedLoss(model, use_liger=False, own_head_reason=head_reason, loss_impl=loss_impl)(
+        packed_batch(samples, model.device))
 
 
 def gradient_errors(model, loss, reference) -> dict[str, float]:
@@ -87,9 +88,10 @@ def gradient_errors(model, loss, reference) -> dict[str, float]:
 def test_family_trains_exactly(arch):
     model = build_tiny_model(VOCAB_SIZE, arch=arch, seed=1, tie_word_embeddings=None)
     model.config._attn_implementation = "eager"
-    assert (own_head_reason(model) is not None) == (arch in OWN_HEAD_FAMILIES)
+    head_reason = own_head_reason(model)
+    assert (head_reason is not None) == (arch in OWN_HEAD_FAMILIES)
     samples = family_samples()
-    trainer = trainer_loss_sum(model, samples)
+    trainer = trainer_loss_sum(model, samples, head_reason)
     reference = own_loss_sum(model, samples)
     assert trainer.item() == pytest.approx(reference.item(), rel=1e-5)
     errors = gradient_errors(model, trainer, reference)
@@ -102,7 +104,7 @@ def test_hidden_times_lm_head_would_miss_these_heads(arch):
     model = build_tiny_model(VOCAB_SIZE, arch=arch, seed=1, tie_word_embeddings=None)
     model.config._attn_implementation = "eager"
     samples = family_samples()
-    fast = trainer_loss_sum(model, samples, loss_impl="chunked")
+    fast = trainer_loss_sum(model, samples, None, loss_impl="chunked")
     assert max(gradient_errors(model, fast, own_loss_sum(model, samples)).values()) > 0.1
 
 
