@@ -107,7 +107,7 @@ def load_data(data_path: str, output_dir: str, max_tokens_per_gpu: int, vocab_si
                          fingerprint=meta["fingerprint"])
     for reason, count in meta["dropped"].items():
         if count:
-            print0(f"dropped {count} samples: {reason}")
+            print0(f"{data_path}: dropped {count} samples: {reason}")
     return data
 
 
