@@ -7,6 +7,7 @@ two ranks on the same split written as two files (a stand-in wandb, and a plot t
 import io
 import json
 import os
+import resource
 import shutil
 import struct
 
@@ -267,3 +268,13 @@ def test_a_bad_flag_or_a_folder_that_is_no_model_is_one_line(tmp_path, data_path
                         str(tmp_path / "run")], check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"--model-name-or-path {tmp_path}: the folder has no config.json" in result.stderr
+
+
+def test_a_full_disk_is_one_line_naming_what_could_not_be_written(tmp_path, tiny_model_dir, data_path):
+    """Writes past 512 bytes fail (EFBIG) as on a full disk: the data cache, the first thing written, cannot be."""
+    output_dir = tmp_path / "run"
+    result = run_train(args(data_path, tiny_model_dir, output_dir, "--validation-split", str(SPLIT)), check=False,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512)))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: could not write the data cache {output_dir / '.data_cache'}" in result.stderr
+    assert not list((output_dir / ".data_cache").iterdir())  # no half-written cache for the next run to load
