@@ -214,9 +214,9 @@ class RunReport:
         self.tracker: Tracker | None = None
         if not enabled:
             return
-        self.progress = ProgressDisplay(first_step, stop_step)
         if report_to != "none":
             self._try(f"starting {report_to}", self._start_tracker, report_to, output_dir, run_params)
+        self.progress = ProgressDisplay(first_step, stop_step)  # after the tracker: its clock times the steps
 
     def _start_tracker(self, report_to: str, output_dir: str | os.PathLike, run_params: dict) -> None:
         self.tracker = Tracker(report_to, output_dir, run_params)
@@ -260,16 +260,17 @@ class RunReport:
             self._try(f"plotting {PLOT_FILE}", plot_metrics, self.output_dir / METRICS_FILE,
                       self.output_dir / PLOT_FILE)
 
-    def finish(self, stop_reason: str, wall_seconds: float, peak_flops_all_ranks: float | None,
+    def finish(self, stop_reason: str, total_steps: int, wall_seconds: float, peak_flops_all_ranks: float | None,
                last_checkpoint: Path | None, last_state: Path | None) -> None:
         """The last picture, the files closed, and the summary printed."""
         if not self.enabled:
             return
         self.plot()
         self.close()
-        print(self.summary(stop_reason, wall_seconds, peak_flops_all_ranks, last_checkpoint, last_state), flush=True)
+        print(self.summary(stop_reason, total_steps, wall_seconds, peak_flops_all_ranks, last_checkpoint, last_state),
+              flush=True)
 
-    def summary(self, stop_reason: str, wall_seconds: float, peak_flops_all_ranks: float | None,
+    def summary(self, stop_reason: str, total_steps: int, wall_seconds: float, peak_flops_all_ranks: float | None,
                 last_checkpoint: Path | None, last_state: Path | None) -> str:
         """What the run did: steps, samples, tokens, times, mean throughput, final losses, where its outputs are."""
         t = self.totals
@@ -281,7 +282,7 @@ class RunReport:
         if self.last_eval_loss is not None:
             losses += f", eval loss {self.last_eval_loss:.4f}"
         return "\n".join([
-            f"{stop_reason} at step {step} of {self.stop_step}: {t['steps']} steps in this run, {t['samples']:,} "
+            f"{stop_reason} at step {step} of {total_steps}: {t['steps']} steps in this run, {t['samples']:,} "
             f"samples, {t['tokens']:,} tokens, {format_duration(wall_seconds)} wall time",
             f"  mean {tokens_per_second:,.0f} tokens/s, MFU {mfu}; {losses}",
             f"  last checkpoint: {last_checkpoint or 'none'}",

@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
         fail_distributed("the final save failed (see above); the earlier checkpoints and states are intact")
     stop_reason = (f"stopped by {preemption.received or 'a signal on another rank'}" if preempted else
                    "finished" if progress.step >= total_steps else f"stopped by --max-steps {config.max_steps}")
-    report.finish(stop_reason, time.time() - start_time, peak_flops * d.world_size if peak_flops else None,
+    report.finish(stop_reason, total_steps, time.time() - start_time, peak_flops * d.world_size if peak_flops else None,
                   latest_hf_checkpoint(output_dir), latest_state(output_dir))
     report_host_memory(d)
     cleanup_distributed()
