@@ -62,6 +62,7 @@ class ProgressDisplay:
         self.stream = stream or sys.stderr
         self.first_step, self.stop_step = first_step, stop_step
         self.start = self.last_line = time.time()
+        self.last_eval_loss: float | None = None  # the bar keeps showing it
         self.bar = None
         if self.stream.isatty():
             from tqdm import tqdm
@@ -70,10 +71,12 @@ class ProgressDisplay:
 
     def update(self, metrics: dict) -> None:
         step, now = metrics["step"], time.time()
+        if metrics.get("eval_loss") is not None:
+            self.last_eval_loss = metrics["eval_loss"]
         if self.bar is not None:
             postfix = {"loss": f"{metrics['loss']:.4f}", "tok_s": f"{metrics['tokens_per_second']:.0f}"}
-            if metrics.get("eval_loss") is not None:
-                postfix["eval_loss"] = f"{metrics['eval_loss']:.4f}"
+            if self.last_eval_loss is not None:
+                postfix["eval_loss"] = f"{self.last_eval_loss:.4f}"
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(step - self.bar.n)
             return
@@ -187,8 +190,11 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -
             ax.set_yticks([])
         if len(names) > 1 and plotted:
             ax.legend()
-    for step in (r["step"] for r in rows if r.get("skipped")):
-        axes[0].axvline(step, color="red", alpha=0.3)
+    skipped = [r["step"] for r in rows if r.get("skipped")]
+    for i, step in enumerate(skipped):
+        axes[0].axvline(step, color="red", alpha=0.3, label=None if i else "skipped step")
+    if skipped:
+        axes[0].legend()
     figure.suptitle(f"{Path(metrics_path).parent.resolve().name}: {len(rows)} steps")
     with atomic_write(png_path, "wb") as f:
         figure.savefig(f, format="png", dpi=80)
