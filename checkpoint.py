@@ -258,7 +258,7 @@ def choose_resume_state(output_dir: str, resume: bool, resume_from: str | None, 
     return verdict
 
 
-def already_finished(resume_path: Path, stop_step: int, output_dir: str | os.PathLike, d: Dist) -> int | None:
+def already_finished(resume_path: Path, stop_step: int, output_dir: str | os.PathLike) -> int | None:
     """The step of the state to resume from if it leaves nothing to do: it reached `stop_step` and the final
     Hugging Face checkpoint exists (a run preempted after its last step lacks it, and goes on to write it)."""
     progress = read_trainer_state(resume_path)["progress"]

@@ -297,12 +297,12 @@ def train_step(wrapper, optimizer, scheduler, data: TokenizedData, plan: list[li
 
 def main(argv: list[str] | None = None) -> None:
     start_time = time.time()
-    preemption = PreemptionSignal()  # first: torchrun's SIGTERM, once another rank failed, must not cut rank 0 short
     config = parse_args(argv)
     problems = validate(config)
     if problems:
         fail_distributed("\n  ".join(["invalid arguments:", *problems]))
     d = init_distributed()
+    preemption = PreemptionSignal()
     torch.manual_seed(config.seed)
     resume_path = choose_resume_state(config.output_dir, config.resume, config.resume_from, config.overwrite, d)
     from transformers import AutoConfig, AutoTokenizer
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     if resume_path is not None:
         check_resume_params(read_trainer_state(resume_path)["run_params"], run_params, config.force_resume,
                             resume_path)
-        done_step = already_finished(resume_path, stop_step, config.output_dir, d)
+        done_step = already_finished(resume_path, stop_step, config.output_dir)
         if done_step is not None:
             limit = f"of {total_steps}" if stop_step == total_steps else f"(--max-steps {config.max_steps})"
             print0(f"the run in {config.output_dir} already finished at step {done_step} {limit}; nothing to do")

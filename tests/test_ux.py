@@ -129,6 +129,22 @@ def test_one_rank_equals_two_and_held_out_samples_are_never_trained_on(split_run
             assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5), a["step"]
 
 
+def test_a_resumed_run_keeps_the_split(tmp_path, split_run, tiny_model_dir, data_path):
+    """Stopped after 5 steps (which evaluates: the end of that run) and resumed: the same losses and eval losses.
+    A different split would change the data order, so resuming with one is refused."""
+    output_dir = tmp_path / "run"
+    run_train(args(data_path, tiny_model_dir, output_dir, "--validation-split", str(SPLIT), "--max-steps", "5"))
+    result = run_train(args(data_path, tiny_model_dir, output_dir, "--validation-split", "0.5", "--resume"),
+                       check=False)
+    assert result.returncode != 0 and "validation_split: 0.25 -> 0.5" in result.stderr
+    run_train(args(data_path, tiny_model_dir, output_dir, "--validation-split", str(SPLIT), "--resume"))
+    resumed = read_metrics(output_dir / "training_metrics.jsonl")
+    uninterrupted = read_metrics(split_run[0] / "training_metrics.jsonl")
+    assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in uninterrupted], rel=1e-6)
+    assert ([m["eval_loss"] for m in resumed if m["step"] in EVAL_STEPS]
+            == pytest.approx([m["eval_loss"] for m in uninterrupted if m["step"] in EVAL_STEPS], rel=1e-6))
+
+
 def test_split_is_seeded_disjoint_and_at_least_one_sample():
     train_ids, held_out_ids = split_validation(100, 0.1, seed=3)
     assert len(held_out_ids) == 10 and sorted([*train_ids, *held_out_ids]) == list(range(100))
