@@ -4,6 +4,7 @@ resumed, plain progress lines in a log file, the validation loss, the picture of
 Two training runs carry most of the assertions: one rank with a quarter of the data held out (TensorBoard on), and
 two ranks on the same split written as two files (a stand-in wandb, and a plot that cannot be written)."""
 
+import importlib.util
 import io
 import json
 import os
@@ -65,10 +66,11 @@ def with_python_path(folder) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def split_run(tmp_path_factory, tiny_model_dir, data_path):
-    """One rank, --validation-split, TensorBoard; output captured as in a log file (not a terminal)."""
+    """One rank, --validation-split, TensorBoard (a dev requirement); output captured as in a log file."""
     output_dir = tmp_path_factory.mktemp("split") / "run"
+    tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
     result = run_train(args(data_path, tiny_model_dir, output_dir, "--validation-split", str(SPLIT),
-                            "--report-to", "tensorboard"))
+                            "--report-to", tracker))
     return output_dir, result
 
 
@@ -207,6 +209,7 @@ def test_a_failing_plot_is_warned_about_once_and_training_goes_on(files_run):
 
 
 def test_tensorboard_gets_every_step(split_run):
+    pytest.importorskip("tensorboard", reason="pip install -r requirements-dev.txt")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     output_dir, _ = split_run
