@@ -1,6 +1,7 @@
 """Tokenized data to micro-batches: process_data.py's JSONL is validated once, cached as flat arrays that every rank
 memory-maps, and packed into padding-free rows whose samples never see each other."""
 
+import errno
 import hashlib
 import json
 import os
@@ -75,6 +76,19 @@ def read_tokenized_jsonl(path: str, max_tokens_per_gpu: int, vocab_size: int) ->
     return arrays, dropped
 
 
+def save_cache(cache_dir: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Writes the arrays and meta.json into `cache_dir`, all or nothing; a failure (a full disk) names the cache."""
+    try:
+        with atomic_directory(cache_dir) as tmp:
+            for name, array in arrays.items():
+                np.save(tmp / f"{name}.npy", array)
+                if (tmp / f"{name}.npy").stat().st_size < array.nbytes:  # np.save can hide a failed last write
+                    raise OSError(errno.ENOSPC, f"{name}.npy was cut short")
+            (tmp / "meta.json").write_text(json.dumps(meta))
+    except OSError as e:
+        raise OSError(f"could not write the data cache {cache_dir}: {e}") from None
+
+
 def load_data(data_path: str, output_dir: str, max_tokens_per_gpu: int, vocab_size: int, d: Dist) -> TokenizedData:
     """One process per node validates the JSONL and writes the cache; then every rank memory-maps it.
 
@@ -91,11 +105,7 @@ def load_data(data_path: str, output_dir: str, max_tokens_per_gpu: int, vocab_si
             fingerprint = hashlib.sha1()
             for array in arrays.values():
                 fingerprint.update(array.tobytes())
-            with atomic_directory(cache_dir) as tmp:
-                for name, array in arrays.items():
-                    np.save(tmp / f"{name}.npy", array)
-                (tmp / "meta.json").write_text(json.dumps({"dropped": dropped,
-                                                           "fingerprint": fingerprint.hexdigest()}))
+            save_cache(cache_dir, arrays, {"dropped": dropped, "fingerprint": fingerprint.hexdigest()})
         except (InputError, OSError) as e:
             error = str(e)
     error = first_error(error)
@@ -107,7 +117,7 @@ def load_data(data_path: str, output_dir: str, max_tokens_per_gpu: int, vocab_si
                          fingerprint=meta["fingerprint"])
     for reason, count in meta["dropped"].items():
         if count:
-            print0(f"dropped {count} samples: {reason}")
+            print0(f"{data_path}: dropped {count} samples: {reason}")
     return data
 
 

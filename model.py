@@ -3,6 +3,7 @@ returns the summed loss, then Liger, activation checkpointing and FSDP2 applied 
 on the shards and the FLOPs count behind MFU."""
 
 import importlib.util
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -135,6 +136,27 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
         if isinstance(getattr(decoder, name, None), torch.nn.ModuleList):
             return getattr(decoder, name)
     raise ValueError(f"cannot find the list of decoder layers of {type(model).__name__}")
+
+
+def model_path_problem(path: str) -> str | None:
+    """What is wrong with --model-name-or-path, read as loading will read it, before any process group exists: a
+    wrong path is then one line, not every rank's traceback ending in "Repo id must be in the form 'repo_name'"."""
+    from huggingface_hub import constants
+    from transformers import AutoConfig
+
+    if os.path.isfile(path):
+        return f"--model-name-or-path {path} is a file; give the model's folder (the one holding config.json)"
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        return f"--model-name-or-path {path}: the folder has no config.json, so it is not a Hugging Face model"
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as e:  # OSError, HFValidationError, ValueError for an unknown model type, ...
+        if not os.path.exists(path):
+            offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+            return (f"--model-name-or-path {path}: no such folder, and no model of that name could be reached on "
+                    f"the Hugging Face Hub{offline}")
+        return f"--model-name-or-path {path}: cannot read its config.json: {str(e).splitlines()[0]}"
+    return None
 
 
 def load_model(model_name_or_path: str, attn_implementation: str, d: Dist):
