@@ -35,19 +35,19 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from distributed import Dist, broadcast_from_rank0, fail_distributed, first_error
-from utils import atomic_directory, print0
+from utils import atomic_directory, atomic_write, print0
 
 STATE_DIR = "state"
 MARKER = "COMPLETE"
 # Settings that decide which samples make up each step: changing them on resume breaks the data order.
-DATA_ORDER_PARAMS = ("batch_size", "seed", "data_fingerprint")
+DATA_ORDER_PARAMS = ("batch_size", "seed", "data_fingerprint", "validation_split")
 # Settings of the optimizer and the schedule: a changed one applies from the next step (load_state).
 HYPERPARAMETERS = ("learning_rate", "weight_decay", "max_grad_norm", "lr_scheduler", "num_warmup_steps", "num_epochs",
                    "total_steps")
 # Settings that are expected to change between a run and its resumption.
 RESUME_ONLY_PARAMS = ("output_dir", "data_path", "max_steps", "resume", "resume_from", "force_resume", "overwrite",
                       "save_state_every_samples", "keep_last_states", "min_samples_per_checkpoint", "max_bad_steps",
-                      "world_size")
+                      "world_size", "validation_data_path", "eval_every_samples", "report_to")
 # Test hook: SIGKILL rank 0 in the middle of saving the state of this step (shards written, no marker yet).
 KILL_IN_SAVE_STEP = os.environ.get("MINI_TRAINER_TEST_KILL_IN_SAVE")
 
@@ -259,7 +259,7 @@ def choose_resume_state(output_dir: str, resume: bool, resume_from: str | None, 
                    if (output_dir / name).exists()]
         if earlier and overwrite:
             print0(f"--overwrite: deleting {', '.join(earlier)} of the earlier run in {output_dir}")
-            for name in (*earlier, "training_params.json"):
+            for name in (*earlier, "training_params.json", "training_metrics.png", "tensorboard"):
                 target = output_dir / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         elif earlier and verdict is None and not resume:
@@ -269,6 +269,28 @@ def choose_resume_state(output_dir: str, resume: bool, resume_from: str | None, 
     if error:
         fail_distributed(error)
     return verdict
+
+
+def already_finished(resume_path: Path, stop_step: int, output_dir: str | os.PathLike) -> int | None:
+    """The step of the state to resume from if it leaves nothing to do: it reached `stop_step` and the final
+    Hugging Face checkpoint exists (a run preempted after its last step lacks it, and goes on to write it)."""
+    progress = read_trainer_state(resume_path)["progress"]
+    done = progress["step"] >= stop_step and hf_checkpoint_path(output_dir, progress["samples_seen"]).is_dir()
+    return progress["step"] if broadcast_from_rank0(done) else None
+
+
+def save_run_params(output_dir: Path, run_params: dict, d: Dist) -> None:
+    """training_params.json, written by rank 0; a failure (full disk, permission) stops every rank with its cause."""
+    error = None
+    if d.rank == 0:
+        try:
+            with atomic_write(output_dir / "training_params.json") as f:
+                json.dump(run_params, f, indent=2)
+        except OSError as e:
+            error = f"could not write {output_dir / 'training_params.json'}: {e}"
+    error = first_error(error)
+    if error:
+        fail_distributed(error)
 
 
 def check_resume_params(saved: dict, run_params: dict, force_resume: bool, path: Path) -> None:
@@ -288,6 +310,12 @@ def check_resume_params(saved: dict, run_params: dict, force_resume: bool, path:
 
 def hf_checkpoint_path(output_dir: str | os.PathLike, samples_seen: int) -> Path:
     return Path(output_dir) / "hf_format" / f"samples_{samples_seen}"
+
+
+def latest_hf_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    checkpoints = [p for p in (Path(output_dir) / "hf_format").glob("samples_*")
+                   if p.name.removeprefix("samples_").isdigit()]
+    return max(checkpoints, key=lambda p: int(p.name.removeprefix("samples_")), default=None)
 
 
 def save_hf_checkpoint(wrapper: torch.nn.Module, tokenizer, output_dir: str | os.PathLike, samples_seen: int,

@@ -1,6 +1,7 @@
 """Tokenized data to micro-batches: process_data.py's JSONL is validated once, cached as flat arrays that every rank
 memory-maps, and packed into padding-free rows whose samples never see each other."""
 
+import errno
 import hashlib
 import json
 import os
@@ -99,26 +100,32 @@ def read_tokenized_jsonl(path: str, max_tokens_per_gpu: int, vocab_size: int) ->
     return arrays, dropped
 
 
-def write_cache(cache_dir: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Writes the cache into a temporary folder beside `cache_dir` and renames it into place, meta.json last inside.
+def save_cache(cache_dir: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Writes the cache into a temporary folder beside `cache_dir` and renames it into place, meta.json last inside;
+    a failure (a full disk) names the cache and leaves nothing behind.
 
     On a shared filesystem the first process of every node may write the same cache at once: the first rename wins,
     and a later one finds a complete folder in its way (the rename fails: the target is not empty), drops its own
     copy and uses that one, which holds the same arrays (same key). A cache in place is never replaced, so no rank
     ever reads a folder that is being swapped."""
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", suffix=".tmp", dir=cache_dir.parent))
     try:
-        for name, array in arrays.items():
-            np.save(tmp / f"{name}.npy", array)
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", suffix=".tmp", dir=cache_dir.parent))
         try:
-            os.rename(tmp, cache_dir)
-        except OSError:
-            if not (cache_dir / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            for name, array in arrays.items():
+                np.save(tmp / f"{name}.npy", array)
+                if (tmp / f"{name}.npy").stat().st_size < array.nbytes:  # np.save can hide a failed last write
+                    raise OSError(errno.ENOSPC, f"{name}.npy was cut short")
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            try:
+                os.rename(tmp, cache_dir)
+            except OSError:
+                if not (cache_dir / "meta.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise OSError(f"could not write the data cache {cache_dir}: {e}") from None
 
 
 def load_data(data_path: str, output_dir: str, max_tokens_per_gpu: int, vocab_size: int, d: Dist) -> TokenizedData:
@@ -137,7 +144,7 @@ def load_data(data_path: str, output_dir: str, max_tokens_per_gpu: int, vocab_si
             fingerprint = hashlib.sha1()
             for array in arrays.values():
                 fingerprint.update(array.tobytes())
-            write_cache(cache_dir, arrays, {"dropped": dropped, "fingerprint": fingerprint.hexdigest()})
+            save_cache(cache_dir, arrays, {"dropped": dropped, "fingerprint": fingerprint.hexdigest()})
         except (InputError, OSError) as e:
             error = str(e)
     error = first_error(error)
@@ -149,7 +156,7 @@ def load_data(data_path: str, output_dir: str, max_tokens_per_gpu: int, vocab_si
                          fingerprint=meta["fingerprint"])
     for reason, count in meta["dropped"].items():
         if count:
-            print0(f"dropped {count} samples: {reason}")
+            print0(f"{data_path}: dropped {count} samples: {reason}")
     return data
 
 

@@ -2,9 +2,12 @@
 agreements every rank must reach together (the first error of any rank, a value decided on rank 0), so that all
 ranks always take the same branch."""
 
+import json
 import os
+import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
@@ -53,13 +56,34 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def fail_distributed(message: str) -> None:
-    """Every rank reaches the same verdict; rank 0 says it, and all leave the process group cleanly."""
+def fail_distributed(message: str) -> NoReturn:
+    """Every rank reaches the same verdict (also before the process group exists: all ranks validate the same
+    arguments); rank 0 says it, once, without a traceback, and all leave the process group and exit 1."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    write_torchrun_error_file(message)
     if not is_rank0():
+        # torchrun stops every rank as soon as one exits: rank 0 goes first, so that it has said why. Without a
+        # launcher to stop them, the others leave after a while.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(30)
         raise SystemExit(1)
     fail(message)
+
+
+def write_torchrun_error_file(message: str) -> None:
+    """torchrun's summary of a failed run shows what a worker wrote to $TORCHELASTIC_ERROR_FILE (in the format of
+    torch's @record) instead of "error_file: <N/A>" and a link. Local rank 0 writes it, so every node's summary
+    names the reason once; the other ranks' entries keep torchrun's default text."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    record = {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": record}, f)
+    except OSError:
+        pass  # the message is on rank 0's stderr anyway
 
 
 def first_error(error: str | None) -> str | None:

@@ -3,6 +3,7 @@ returns the summed loss, then Liger, activation checkpointing and FSDP2 applied 
 on the shards and the FLOPs count behind MFU."""
 
 import inspect
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from attention import packed_attention_forward
-from distributed import Dist, broadcast_from_rank0
+from distributed import Dist, broadcast_from_rank0, fail_distributed
 
 if TYPE_CHECKING:
     from data import MicroBatch
@@ -155,7 +156,8 @@ class CausalLMWithSummedLoss(torch.nn.Module):
     def forward(self, batch: "MicroBatch") -> torch.Tensor:
         own_head = self.loss_impl == "own_head"
         extra = {"packed_masks": {}} if self.model.config._attn_implementation == "packed" else {}
-        if self.router_aux_loss_coef is not None:
+        with_aux_loss = self.router_aux_loss_coef is not None and self.training  # validation: the CE alone
+        if with_aux_loss:
             extra["output_router_logits"] = True
         # The model's own head runs at the loss positions, or at none when the loss applies lm_head itself.
         output, hidden = forward_with_hidden(
@@ -165,7 +167,7 @@ class CausalLMWithSummedLoss(torch.nn.Module):
             max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen, **extra,
         )
         aux_loss = 0.0
-        if self.router_aux_loss_coef is not None:
+        if with_aux_loss:
             # The model's forward returns mean CE + coef * aux_loss; in a sum over the micro-batch's loss tokens,
             # the auxiliary loss counts once per loss token.
             aux_loss = self.router_aux_loss_coef * output.aux_loss * batch.loss_positions.numel()
@@ -193,6 +195,27 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
         if isinstance(getattr(decoder, name, None), torch.nn.ModuleList):
             return getattr(decoder, name)
     raise ValueError(f"cannot find the list of decoder layers of {type(model).__name__}")
+
+
+def model_path_problem(path: str) -> str | None:
+    """What is wrong with --model-name-or-path, read as loading will read it, before any process group exists: a
+    wrong path is then one line, not every rank's traceback ending in "Repo id must be in the form 'repo_name'"."""
+    from huggingface_hub import constants
+    from transformers import AutoConfig
+
+    if os.path.isfile(path):
+        return f"--model-name-or-path {path} is a file; give the model's folder (the one holding config.json)"
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        return f"--model-name-or-path {path}: the folder has no config.json, so it is not a Hugging Face model"
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as e:  # OSError, HFValidationError, ValueError for an unknown model type, ...
+        if not os.path.exists(path):
+            offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+            return (f"--model-name-or-path {path}: no such folder, and no model of that name could be reached on "
+                    f"the Hugging Face Hub{offline}")
+        return f"--model-name-or-path {path}: cannot read its config.json: {str(e).splitlines()[0]}"
+    return None
 
 
 def load_model(model_name_or_path: str, attn_implementation: str, d: Dist):
@@ -223,26 +246,28 @@ def load_model(model_name_or_path: str, attn_implementation: str, d: Dist):
     return model, full_state_dict, buffers, head_reason
 
 
-def unsupported_feature(wrapper: CausalLMWithSummedLoss, batch: "MicroBatch") -> str | None:
-    """What the trainer cannot do for this model, found before training: what the loss needs from its forward, then
-    a forward of `batch` without gradients, in which an attention feature the kernels lack raises with its name
-    (attention.packed_attention_forward)."""
-    model = wrapper.model
+def refuse_unsupported(wrapper: CausalLMWithSummedLoss, batch: "MicroBatch") -> None:
+    """Stops the run at start, with the reason, if the trainer cannot train this model exactly: what the loss needs
+    from its forward, then a forward of `batch` without gradients, in which an attention feature the kernels lack
+    raises with its name (attention.packed_attention_forward)."""
+    model, problem = wrapper.model, None
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        return f"{type(model).__name__}: its forward has no logits_to_keep, through which the loss takes its logits"
-    if hasattr(model.config, "router_aux_loss_coef") and wrapper.router_aux_loss_coef is None:
-        return (f"{type(model).__name__}: its config weighs a router auxiliary loss (router_aux_loss_coef) that its "
-                "forward cannot return (no output_router_logits)")
-    try:
-        with torch.no_grad():
-            wrapper(batch)
-    except NotImplementedError as e:
-        return str(e)
-    finally:  # the root and the last layer stay gathered after a forward: the optimizer must see the shards
-        for module in wrapper.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
-    return None
+        problem = "its forward has no logits_to_keep, through which the loss takes its logits"
+    elif hasattr(model.config, "router_aux_loss_coef") and wrapper.router_aux_loss_coef is None:
+        problem = ("its config weighs a router auxiliary loss (router_aux_loss_coef) that its forward cannot return "
+                   "(no output_router_logits)")
+    else:
+        try:
+            with torch.no_grad():
+                wrapper(batch)
+        except NotImplementedError as e:
+            problem = str(e)
+        finally:  # the root and the last layer stay gathered after a forward: the optimizer must see the shards
+            for module in wrapper.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+    if problem:
+        fail_distributed(f"cannot train {type(model).__name__} exactly: {problem}")
 
 
 def apply_liger(model: torch.nn.Module) -> None:

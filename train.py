@@ -9,12 +9,13 @@ loss token of the step, on all ranks and micro-batches, divided by the number of
 
 import argparse
 import dataclasses
-import json
+import importlib
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -25,13 +26,16 @@ from checkpoint import (
     Checkpointer,
     PreemptionSignal,
     Progress,
+    already_finished,
     check_resume_params,
     choose_resume_state,
     is_complete,
+    latest_hf_checkpoint,
     latest_state,
     load_state,
     read_trainer_state,
     save_due,
+    save_run_params,
 )
 from data import TokenizedData, load_data, pack_micro_batch
 from distributed import (
@@ -42,6 +46,8 @@ from distributed import (
     report_host_memory,
     run_and_exit,
 )
+from evaluation import evaluate, evaluation_due, training_and_validation
+from metrics import RunReport
 from model import (
     CausalLMWithSummedLoss,
     apply_activation_checkpointing,
@@ -53,11 +59,12 @@ from model import (
     device_peak_flops,
     load_model,
     materialize_weights,
+    model_path_problem,
+    refuse_unsupported,
     step_flops,
-    unsupported_feature,
 )
 from sampler import batches_from, distribute_batch
-from utils import atomic_write, fail, print0
+from utils import print0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -82,6 +89,21 @@ class TrainConfig:
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this."})
+    validation_split: float | None = field(
+        default=None, metadata={"help": "Hold out this fraction of the data, chosen from --seed (the same on any "
+                                "number of GPUs and on resume), never trained on, and evaluate on it."}
+    )
+    validation_data_path: str | None = field(
+        default=None, metadata={"help": "Tokenized JSONL to evaluate on, instead of --validation-split."}
+    )
+    eval_every_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate each time the samples seen pass a multiple of this; the "
+                                "validation data is always evaluated at the end."}
+    )
+    report_to: str = field(
+        default="none", metadata={"help": "Also log every step to this tracker (rank 0; wandb goes offline when "
+                                  "there is no API key).", "choices": ["none", "tensorboard", "wandb"]}
+    )
     min_samples_per_checkpoint: int = field(
         default=10000, metadata={"help": "Save a Hugging Face checkpoint (and a state) each time the samples seen "
                                   "since the last one reach this."}
@@ -133,9 +155,16 @@ class TrainConfig:
 # Command line: argparse built from TrainConfig, and every problem with the arguments reported at once
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse error is one line from rank 0, like every other problem, not a usage block from each rank."""
+
+    def error(self, message: str) -> NoReturn:
+        fail_distributed(f"{message} (train.py --help lists the flags)")
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Builds argparse from TrainConfig, so that the defaults above are the only ones."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
@@ -147,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                                 help=help_text + f" (default: {f.default})")
             parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const="off")
             continue
-        value_type = {"int | None": int, "str | None": str}.get(str(f.type), f.type)
+        value_type = {"int | None": int, "str | None": str, "float | None": float}.get(str(f.type), f.type)
         required = f.default == ""
         parser.add_argument(
             flag, type=value_type, default=None if required else f.default, required=required,
@@ -158,16 +187,18 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def validate(config: TrainConfig) -> list[str]:
     """Every problem with the arguments at once, each with what to do."""
-    problems = []
-    if not os.path.isfile(config.data_path):
-        problems.append(f"--data-path {config.data_path} does not exist")
+    problems = [problem for problem in [model_path_problem(config.model_name_or_path)] if problem]
+    for flag, path in (("--data-path", config.data_path), ("--validation-data-path", config.validation_data_path)):
+        if path is not None and not os.path.isfile(path):
+            problems.append(f"{flag} {path} does not exist" if not os.path.exists(path) else f"{flag} {path} is "
+                            "not a file")
     for name in ("batch_size", "max_tokens_per_gpu", "num_epochs", "min_samples_per_checkpoint", "keep_last_states"):
         if getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("num_warmup_steps", "max_bad_steps"):
         if getattr(config, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be 0 or more")
-    for name in ("max_steps", "save_state_every_samples"):
+    for name in ("max_steps", "save_state_every_samples", "eval_every_samples"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
     if config.overwrite and (config.resume or config.resume_from):
@@ -177,6 +208,18 @@ def validate(config: TrainConfig) -> list[str]:
                         f"pick a step_<S> folder of output-dir/{STATE_DIR}, or use --resume for the newest")
     if config.use_liger_kernels and not torch.cuda.is_available():
         problems.append("--use-liger-kernels needs a CUDA GPU (Liger's kernels are Triton); leave it out on CPU")
+    if config.validation_split is not None and not 0 < config.validation_split < 1:
+        problems.append(f"--validation-split {config.validation_split} must be a fraction between 0 and 1")
+    if config.validation_split is not None and config.validation_data_path:
+        problems.append("--validation-split and --validation-data-path both give validation data: pick one")
+    if config.eval_every_samples and config.validation_split is None and not config.validation_data_path:
+        problems.append("--eval-every-samples needs validation data: --validation-split or --validation-data-path")
+    if config.report_to != "none":
+        try:  # only the tracker asked for is imported
+            importlib.import_module(config.report_to)
+        except ImportError:
+            problems.append(f"--report-to {config.report_to} needs the {config.report_to} package: "
+                            f"pip install {config.report_to}")
     return problems
 
 
@@ -254,34 +297,48 @@ def train_step(wrapper, optimizer, scheduler, data: TokenizedData, plan: list[li
 
 
 def main(argv: list[str] | None = None) -> None:
+    start_time = time.time()
     config = parse_args(argv)
     problems = validate(config)
     if problems:
-        fail("\n  ".join(["invalid arguments:", *problems]))
+        fail_distributed("\n  ".join(["invalid arguments:", *problems]))
     d = init_distributed()
     preemption = PreemptionSignal()
     torch.manual_seed(config.seed)
     resume_path = choose_resume_state(config.output_dir, config.resume, config.resume_from, config.overwrite, d)
-    from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights", "Writing model shards": noise in a log file
 
     # Data
     model_config = AutoConfig.from_pretrained(config.model_name_or_path)
     data = load_data(config.data_path, config.output_dir, config.max_tokens_per_gpu, model_config.vocab_size, d)
     if len(data) == 0:
         fail_distributed(f"{config.data_path}: no usable sample (empty file, or every sample was dropped)")
-    if config.batch_size > len(data):
+    validation_data = load_data(config.validation_data_path, config.output_dir, config.max_tokens_per_gpu,
+                                model_config.vocab_size, d) if config.validation_data_path else None
+    train_ids, validation = training_and_validation(data, validation_data, config.validation_split, config.seed,
+                                                    config.batch_size, config.max_tokens_per_gpu, d)
+    if config.batch_size > len(train_ids):
+        held_out = ", after the validation split" if config.validation_split is not None else ""
         fail_distributed(f"--batch-size {config.batch_size} is larger than the dataset "
-                         f"({len(data)} usable samples); lower it")
+                         f"({len(train_ids)} usable samples{held_out}); lower it")
     # The schedule always spans the epochs; --max-steps only stops early, so a run stopped by it and resumed
     # follows the same LR curve as one that never stopped.
-    total_steps = math.ceil(len(data) / config.batch_size) * config.num_epochs
+    total_steps = math.ceil(len(train_ids) / config.batch_size) * config.num_epochs
     stop_step = min(total_steps, config.max_steps or total_steps)
     run_params = {**dataclasses.asdict(config), "world_size": d.world_size, "total_steps": total_steps,
                   "num_samples": len(data), "data_fingerprint": data.fingerprint}
     if resume_path is not None:
         check_resume_params(read_trainer_state(resume_path)["run_params"], run_params, config.force_resume,
                             resume_path)
+        done_step = already_finished(resume_path, stop_step, config.output_dir)
+        if done_step is not None:
+            limit = f"of {total_steps}" if stop_step == total_steps else f"(--max-steps {config.max_steps})"
+            print0(f"the run in {config.output_dir} already finished at step {done_step} {limit}; nothing to do")
+            cleanup_distributed()
+            return
 
     # Model
     compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[config.dtype or
@@ -301,9 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     apply_fsdp(wrapper, config.fsdp_sharding_strategy, compute_dtype, d)
     materialize_weights(wrapper, full_state_dict, buffers, d)
     del full_state_dict, buffers
-    problem = unsupported_feature(wrapper, pack_micro_batch(data, list(range(min(2, len(data)))), d.device))
-    if problem:
-        fail_distributed(f"{config.model_name_or_path} cannot be trained exactly: {problem}")
+    refuse_unsupported(wrapper, pack_micro_batch(data, list(range(min(2, len(data)))), d.device))
     print0(f"loss: {wrapper.describe_loss()}")
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path) if d.rank == 0 else None
     print0(f"model {config.model_name_or_path}: {num_params / 1e6:.1f}M parameters, "
@@ -324,23 +379,20 @@ def main(argv: list[str] | None = None) -> None:
 
     # Loop
     output_dir = Path(config.output_dir)
-    if d.rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_write(output_dir / "training_params.json") as f:
-            json.dump({**run_params, "attn_implementation": attn_implementation}, f, indent=2)
-    metrics_file = open(output_dir / "training_metrics.jsonl", "a") if d.rank == 0 else None  # noqa: SIM115
+    save_run_params(output_dir, {**run_params, "attn_implementation": attn_implementation}, d)
+    report = RunReport(output_dir, progress.step, stop_step, config.report_to, run_params, enabled=d.rank == 0)
     peak_flops = device_peak_flops(d.device)
     # Test hook: these steps' losses are multiplied by NaN, to exercise the non-finite path end to end.
     nan_steps = {int(s) for s in os.environ.get("MINI_TRAINER_TEST_NAN_STEPS", "").split(",") if s}
-    progress_bar = tqdm(total=stop_step, initial=progress.step, disable=d.rank != 0, desc="train")
     checkpointer = Checkpointer(wrapper, optimizer, scheduler, tokenizer, config.output_dir, config.keep_last_states,
                                 run_params, d)
-    start_time, preempted = time.time(), False
-    for epoch, batch_index, batch_ids in batches_from(len(data), config.batch_size, config.seed, config.num_epochs,
-                                                      progress.epoch, progress.batch_index):
+    loop_start, preempted = time.time(), False
+    for epoch, batch_index, positions in batches_from(len(train_ids), config.batch_size, config.seed,
+                                                      config.num_epochs, progress.epoch, progress.batch_index):
         if progress.step >= stop_step:
             break
         step_start = time.time()
+        batch_ids = train_ids[positions].tolist()
         plan = distribute_batch(batch_ids, data.lengths, d.world_size, config.max_tokens_per_gpu)
         metrics = train_step(wrapper, optimizer, scheduler, data, plan, config, d,
                              inject_nan=progress.step + 1 in nan_steps)
@@ -351,17 +403,15 @@ def main(argv: list[str] | None = None) -> None:
         progress.bad_steps_in_a_row = progress.bad_steps_in_a_row + 1 if metrics["skipped"] else 0
         step, step_time = progress.step, time.time() - step_start
         flops = step_flops(model_config, data.lengths[batch_ids])
+        eval_due = validation is not None and (step == stop_step or evaluation_due(
+            progress.samples_seen, metrics["num_samples"], config.eval_every_samples))
         metrics.update(
             step=step, epoch=epoch, bad_steps=progress.bad_steps, tokens_per_second=metrics["num_tokens"] / step_time,
             mfu=flops / step_time / (peak_flops * d.world_size) if peak_flops else None,
             peak_memory_gb=torch.cuda.max_memory_allocated(d.device) / 1e9 if d.device.type == "cuda" else None,
-            elapsed_s=time.time() - start_time,
+            eval_loss=evaluate(wrapper, validation, d) if eval_due else None, elapsed_s=time.time() - loop_start,
         )
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-        progress_bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
-        progress_bar.update(1)
+        report.log(metrics, step_time, flops)
         if metrics["skipped"]:
             print0(f"step {step}: non-finite loss {metrics['loss']} or gradient norm {metrics['grad_norm']}; "
                    f"skipped the update ({progress.bad_steps_in_a_row} in a row)")
@@ -373,22 +423,25 @@ def main(argv: list[str] | None = None) -> None:
         if save_due(progress.samples_seen, progress.samples_at_last_checkpoint, config.min_samples_per_checkpoint):
             progress.samples_at_last_checkpoint = progress.samples_at_last_state = progress.samples_seen
             checkpointer.save(progress, hf=True)
+            report.plot()
         elif save_due(progress.samples_seen, progress.samples_at_last_state, config.save_state_every_samples):
             progress.samples_at_last_state = progress.samples_seen
             checkpointer.save(progress, hf=False)
+            report.plot()
         if preemption.agreed(d.device):
             preempted = True
             print0(f"received {preemption.received or 'a signal on another rank'}: stopping after step {step}")
             break
-    progress_bar.close()
 
     # Final save: whatever the last step lacks. A preempted run saves only its state, the fast part.
     hf_missing, state_missing = checkpointer.missing(progress)
     save_hf = hf_missing and not preempted
     if (save_hf or state_missing) and not checkpointer.save(progress, hf=save_hf):
         fail_distributed("the final save failed (see above); the earlier checkpoints and states are intact")
-    if metrics_file is not None:
-        metrics_file.close()
+    stop_reason = (f"stopped by {preemption.received or 'a signal on another rank'}" if preempted else
+                   "finished" if progress.step >= total_steps else f"stopped by --max-steps {config.max_steps}")
+    report.finish(stop_reason, total_steps, time.time() - start_time, peak_flops * d.world_size if peak_flops else None,
+                  latest_hf_checkpoint(output_dir), latest_state(output_dir))
     report_host_memory(d)
     cleanup_distributed()
 

@@ -17,9 +17,13 @@ def is_rank0() -> bool:
 
 
 def print0(*args, **kwargs) -> None:
-    """print() on rank 0 only, flushed so torchrun shows it at once."""
+    """print() on rank 0 only, flushed so torchrun shows it at once. A progress bar on the terminal is cleared
+    first and redrawn after, rather than cut by the line."""
     if is_rank0():
-        print(*args, **kwargs, flush=True)
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode(file=kwargs.get("file")):
+            print(*args, **kwargs, flush=True)
 
 
 class InputError(ValueError):

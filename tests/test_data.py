@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import TokenizedData, pack_micro_batch, read_tokenized_jsonl, write_cache
+from data import TokenizedData, pack_micro_batch, read_tokenized_jsonl, save_cache
 from utils import InputError
 
 
@@ -80,8 +80,8 @@ def test_a_cache_in_place_is_kept_when_another_node_writes_the_same_one(tmp_path
     """The second writer of a cache (another node on a shared filesystem) finds it in place and uses it."""
     cache_dir = tmp_path / ".data_cache" / "key"
     arrays = {"input_ids": np.arange(5)}
-    write_cache(cache_dir, arrays, {"writer": 1})
-    write_cache(cache_dir, arrays, {"writer": 2})
+    save_cache(cache_dir, arrays, {"writer": 1})
+    save_cache(cache_dir, arrays, {"writer": 2})
     assert json.loads((cache_dir / "meta.json").read_text()) == {"writer": 1}
     assert sorted(p.name for p in cache_dir.parent.iterdir()) == ["key"]  # no temporary folder left
 
@@ -90,6 +90,6 @@ def test_many_writers_of_one_cache_at_once_all_succeed(tmp_path):
     cache_dir = tmp_path / ".data_cache" / "key"
     arrays = {"input_ids": np.arange(100_000), "labels": np.arange(100_000)}
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda writer: write_cache(cache_dir, arrays, {"writer": writer}), range(16)))
+        list(pool.map(lambda writer: save_cache(cache_dir, arrays, {"writer": writer}), range(16)))
     assert np.array_equal(np.load(cache_dir / "labels.npy"), arrays["labels"])
     assert sorted(p.name for p in cache_dir.parent.iterdir()) == ["key"]
