@@ -131,3 +131,20 @@ def test_families_sdpa_refuses_train_through_train_py_on_cpu(tmp_path, tiny_toke
     assert "attention packed" in result.stdout and "Traceback" not in result.stderr
     metrics = [json.loads(line) for line in open(tmp_path / "run" / "training_metrics.jsonl")]
     assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
+
+
+def test_an_attention_feature_the_kernels_lack_is_refused_at_start(tmp_path, tiny_tokenizer):
+    """Gemma 3 with bidirectional attention (as EmbeddingGemma has it): packed attention is causal, so the run stops
+    before training, naming the feature, without a traceback."""
+    model_dir = tmp_path / "bidirectional"
+    model = build_tiny_model(len(tiny_tokenizer), arch="gemma3_text", tie_word_embeddings=None)
+    model.config.use_bidirectional_attention = True
+    model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    data = write_tokenized_samples(tmp_path / "data.jsonl", tiny_tokenizer, num_samples=4)
+    result = run_train(["--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir",
+                        str(tmp_path / "run"), "--batch-size", "4"], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert ("error: cannot train Gemma3ForCausalLM exactly: Gemma3Attention asks for non-causal attention, which "
+            "mini_trainer's packed attention does not implement") in result.stderr
+    assert not (tmp_path / "run" / "training_metrics.jsonl").exists()
