@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     apply_fsdp(wrapper, config.fsdp_sharding_strategy, compute_dtype, d)
     materialize_weights(wrapper, full_state_dict, buffers, d)
     del full_state_dict, buffers
-    refuse_unsupported(wrapper, pack_micro_batch(data, list(range(min(2, len(data)))), d.device))
+    refuse_unsupported(wrapper, pack_micro_batch(data, [0], d.device))  # a no-grad forward of one sample
     print0(f"loss: {wrapper.describe_loss()}")
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path) if d.rank == 0 else None
     print0(f"model {config.model_name_or_path}: {num_params / 1e6:.1f}M parameters, "
