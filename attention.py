@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 # Forward kwargs that transformers hands every attention function and that change nothing in the attention itself
-# (packed_masks is ours: the micro-batch's masks, built once per window and shared by the layers).
+# (ours: packed_masks, the micro-batch's masks built once per window and shared by the layers, and packed_length,
+# the token budget of a micro-batch, to which flex_attention pads every row).
 BOOKKEEPING_KWARGS = frozenset({
     "position_ids", "use_cache", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
-    "output_attentions", "output_hidden_states", "output_router_logits", "packed_masks",
+    "output_attentions", "output_hidden_states", "output_router_logits", "packed_masks", "packed_length",
 })
 
 
@@ -66,12 +67,15 @@ class FlashVarlenCausal(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, grad_sinks
 
 
-def sample_of_token(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    positions = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:], positions, right=True)
+def sample_of_token(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """The sample each of `length` positions belongs to; a position past the packed samples (flex's padding) is a
+    sample of its own."""
+    positions = torch.arange(length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.where(positions < cu_seqlens[-1], torch.searchsorted(cu_seqlens[1:], positions, right=True),
+                       positions + len(cu_seqlens))
 
 
-def attends(sample: torch.Tensor, q_idx, kv_idx, window: int | None):
+def attends(sample: torch.Tensor, q_idx, kv_idx, window):
     """Whether query token q_idx sees key token kv_idx: causal, in the same sample, within the last `window` tokens."""
     keep = (sample[q_idx] == sample[kv_idx]) & (q_idx >= kv_idx)
     return keep & (q_idx - kv_idx < window) if window is not None else keep
@@ -97,30 +101,35 @@ def reference_attention(module, query, key, value, keep, scale, softcap, sinks, 
 
 @functools.cache
 def compiled_flex_attention():
-    """flex_attention is fast only compiled; compiled once per process, on first use."""
-    return torch.compile(flex_attention)
+    """flex_attention is fast only compiled: once per process, for static shapes (torch 2.11's dynamic-shape
+    flex_attention found no kernel for a packed row whose length changed)."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_softcap_attention(query, key, value, block_mask, softcap, scale):
-    """(1, heads, tokens, dim) inputs -> (1, tokens, heads, dim), scores soft-capped as softcap * tanh(s / softcap)."""
+def flex_softcap_attention(query, key, value, cu_seqlens, window, softcap, scale, length: int, block_masks: dict):
+    """(1, heads, tokens, dim) inputs -> (1, tokens, heads, dim), scores soft-capped as softcap * tanh(s / softcap).
+
+    The row is padded to `length` tokens (the micro-batch budget), rounded up to flex's 128-token blocks, so that
+    every call has the same shape and the compiled kernel is reused; each padding token is a sample of its own, so
+    its blocks cost next to nothing. The window is a tensor, so that every layer, windowed or not, runs one compiled
+    graph."""
+    num_tokens = query.shape[2]
+    length = -(-max(length, num_tokens) // 128) * 128
+    if window not in block_masks:
+        sample = sample_of_token(cu_seqlens, length)
+        limit = torch.tensor(window if window is not None else length + 1, device=query.device)
+        block_masks[window] = create_block_mask(
+            lambda batch, head, q_idx, kv_idx: attends(sample, q_idx, kv_idx, limit), None, None, length, length,
+            device=query.device, _compile=query.is_cuda)
 
     def softcap_scores(score, batch, head, q_idx, kv_idx):
         return softcap * torch.tanh(score / softcap)
 
+    pad = (0, 0, 0, length - num_tokens)
     attend = compiled_flex_attention() if query.is_cuda else flex_attention
-    out = attend(query, key, value, score_mod=softcap_scores, block_mask=block_mask, scale=scale,
-                 enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2)
-
-
-def packed_mask(cu_seqlens: torch.Tensor, num_tokens: int, window: int | None, flex: bool):
-    """The mask of a packed row: a flex BlockMask, or a (tokens, tokens) boolean tensor."""
-    sample = sample_of_token(cu_seqlens, num_tokens)
-    if flex:
-        return create_block_mask(lambda batch, head, q_idx, kv_idx: attends(sample, q_idx, kv_idx, window), None,
-                                 None, num_tokens, num_tokens, device=cu_seqlens.device, _compile=cu_seqlens.is_cuda)
-    positions = torch.arange(num_tokens, device=cu_seqlens.device)
-    return attends(sample, positions[:, None], positions[None, :], window)
+    out = attend(*(F.pad(x, pad) for x in (query, key, value)), score_mod=softcap_scores,
+                 block_mask=block_masks[window], scale=scale, enable_gqa=key.shape[1] != query.shape[1])
+    return out[:, :, :num_tokens].transpose(1, 2)
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -151,9 +160,12 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
         return out.unsqueeze(0), None
     masks = kwargs.get("packed_masks")
     masks = {} if masks is None else masks
-    if sliding_window not in masks:
-        masks[sliding_window] = packed_mask(cu_seqlens, query.shape[2], sliding_window, flex=cuda)
     if cuda:
-        return flex_softcap_attention(query, key, value, masks[sliding_window], softcap, scaling), None
+        return flex_softcap_attention(query, key, value, cu_seqlens, sliding_window, softcap, scaling,
+                                      kwargs.get("packed_length") or 0, masks), None
+    if sliding_window not in masks:
+        positions = torch.arange(query.shape[2], device=query.device)
+        masks[sliding_window] = attends(sample_of_token(cu_seqlens, query.shape[2]), positions[:, None],
+                                        positions[None, :], sliding_window)
     return reference_attention(module, query, key, value, masks[sliding_window], scaling, softcap, s_aux,
                                dropout), None

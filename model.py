@@ -131,9 +131,10 @@ class CausalLMWithSummedLoss(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, use_liger: bool, own_head_reason: str | None = None,
-                 loss_impl: str | None = None):
+                 max_tokens_per_gpu: int | None = None, loss_impl: str | None = None):
         super().__init__()
         self.model = model
+        self.max_tokens_per_gpu = max_tokens_per_gpu  # flex_attention pads every row to it (one compiled shape)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.own_head_reason = own_head_reason
         fast_loss = "liger" if use_liger else "chunked"  # or chunked_cross_entropy_sum
@@ -155,7 +156,9 @@ class CausalLMWithSummedLoss(torch.nn.Module):
 
     def forward(self, batch: "MicroBatch") -> torch.Tensor:
         own_head = self.loss_impl == "own_head"
-        extra = {"packed_masks": {}} if self.model.config._attn_implementation == "packed" else {}
+        extra = {}
+        if self.model.config._attn_implementation == "packed":
+            extra.update(packed_masks={}, packed_length=self.max_tokens_per_gpu)
         with_aux_loss = self.router_aux_loss_coef is not None and self.training  # validation: the CE alone
         if with_aux_loss:
             extra["output_router_logits"] = True

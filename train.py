@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     print0(f"activation checkpointing {'on' if use_checkpointing else 'off'} ({why})")
     if use_checkpointing:
         apply_activation_checkpointing(model)
-    wrapper = CausalLMWithSummedLoss(model, config.use_liger_kernels, own_head_reason)
+    wrapper = CausalLMWithSummedLoss(model, config.use_liger_kernels, own_head_reason, config.max_tokens_per_gpu)
     apply_fsdp(wrapper, config.fsdp_sharding_strategy, compute_dtype, d)
     materialize_weights(wrapper, full_state_dict, buffers, d)
     del full_state_dict, buffers

@@ -102,13 +102,15 @@ def test_flash_path_windows_and_sinks_on_stand_in_kernels(monkeypatch, window, w
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_flex_softcap_path_forward_on_cpu():
-    """The block mask from cu_seqlens and the window, and the softcap score_mod, against Gemma 2's eager attention."""
+@pytest.mark.parametrize("window", [None, 4])
+def test_flex_softcap_path_forward_on_cpu(window):
+    """The block mask from cu_seqlens and the window, the padding to the micro-batch budget, and the softcap
+    score_mod, against Gemma 2's eager attention."""
     q, k, v, cu_seqlens = (x.detach().float() if x.is_floating_point() else x for x in packed_inputs())
-    window, softcap, scale = 4, 0.5, 0.3
+    softcap, scale = 0.5, 0.3
     with torch.no_grad():
-        block_mask = attention.packed_mask(cu_seqlens, q.shape[2], window, flex=True)
-        packed = attention.flex_softcap_attention(q, k, v, block_mask, softcap, scale)
+        packed = attention.flex_softcap_attention(q, k, v, cu_seqlens, window, softcap, scale, length=200,
+                                                  block_masks={})
         reference = eager_per_sample(gemma2_eager, fake_module(), q, k, v, cu_seqlens, window, scaling=scale,
                                      softcap=softcap)
         no_softcap = eager_per_sample(gemma2_eager, fake_module(), q, k, v, cu_seqlens, window, scaling=scale)
