@@ -298,7 +298,8 @@ def main() -> None:
     parser.add_argument("--no-background", action="store_true", help="Lever off: pack each step in the loop.")
     parser.add_argument("--prepare-only", action="store_true",
                         help="Write the model and data, then stop (run once before torchrun).")
-    parser.add_argument("--save", action="store_true", help="Keep the final saves (timed, as is a resume's load).")
+    parser.add_argument("--save", nargs="?", const="all", choices=["all", "hf"], default=None,
+                        help="Keep the final saves (timed, as is a resume's load); hf: the Hugging Face one only.")
     parser.add_argument("--time-to-first-step", action="store_true",
                         help="Launch train.py in a new process and time its first step (data cached by a run "
                              "with the same --run-name first).")
@@ -326,6 +327,10 @@ def main() -> None:
     apply_levers(args)
     save_events: list[dict] = []
     time_saves(save_events)
+    if args.save == "hf":
+        import checkpoint
+
+        checkpoint.save_state = lambda *a, **k: None
     if args.profile_step and torch.cuda.is_available():
         profile_train_step(args.profile_step, Path(args.profile_dir or work_dir / "profile"))
     # The same folder on every rank under torchrun (create the model and data with one process first).

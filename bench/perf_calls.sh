@@ -2,7 +2,8 @@
 # The device calls behind BENCHMARKS.md's issue-10 numbers, one part per call (each fits a 10-minute command):
 #   bash bench/perf_calls.sh levers    BASE_DIR   # 1 GPU: main (BASE_DIR) vs this tree, one lever at a time
 #   bash bench/perf_calls.sh headline             # 1 GPU: TRL's two modes and grad ckpt beside ours, first step
-#   bash bench/perf_calls.sh scaling              # 4 GPUs: 1.5B on 1 and 4 GPUs, 7B on 4 with save, resume on 2
+#   bash bench/perf_calls.sh scaling              # 4 GPUs: 7B on 4 with saves, 1.5B on 1 and 4 GPUs, resume 7B on 2
+#                                                 # (SAVE_7B=hf: the Hugging Face save only, no state to resume)
 # Wheels (trl, datasets, liger, transformers...) are installed by the caller; logs go to $OUT (or /tmp/out).
 set -uo pipefail
 PART=$1
@@ -20,7 +21,7 @@ step() {  # seconds, then a command: its log lines go to $LOG, its result lines 
     local seconds=$1
     shift
     echo "=== $(date +%T) $*" | tee -a "$LOG"
-    timeout "$seconds" "$@" 2>&1 | tee -a "$LOG" | grep -E --line-buffered "^(BENCH|PEER|SAVE)|passed|failed|Error"
+    timeout "$seconds" "$@" 2>&1 | tee -a "$LOG" | grep -oE --line-buffered "(BENCH|PEER|SAVE) .*|host peak RSS.*|[0-9]+ (passed|failed).*|[A-Za-z]*Error.*"
     local code=${PIPESTATUS[0]}
     [ "$code" = 0 ] || { echo "FAILED ($code): $*"; tail -5 "$LOG" | cut -c1-300; }
 }
@@ -49,31 +50,27 @@ levers)
     ;;
 headline)
     step 120 python bench/bench_train.py --work-dir $WORK --prepare-only
-    # Ours first on a cold machine: the first launch compiles Liger's Triton kernels (cold cache).
-    bench "new, first step (cold caches)" --use-liger-kernels --run-name first --time-to-first-step
-    bench "new, first step" --use-liger-kernels --run-name first --time-to-first-step
-    step 420 python bench/bench_train.py --work-dir $WORK --peer trl --max-steps 40
-    bench "new" --use-liger-kernels --max-steps 40
-    bench "new, AC" --use-liger-kernels --activation-checkpointing --max-steps 25
+    echo "Triton cache entries before our first launch: $(ls ~/.triton/cache 2>/dev/null | wc -l)"
+    bench "new, first step (first launch)" --use-liger-kernels --run-name first --time-to-first-step
+    bench "new, first step (data cached)" --use-liger-kernels --run-name first --time-to-first-step
+    step 420 python bench/bench_train.py --work-dir $WORK --peer trl --max-steps 30
+    bench "new" --use-liger-kernels --max-steps 30
+    bench "new, AC" --use-liger-kernels --activation-checkpointing --max-steps 20
     ;;
 scaling)
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-    python bench/bench_train.py --work-dir $WORK --prepare-only >>"$LOG" 2>&1
-    python bench/bench_train.py --work-dir $WORK --model qwen2.5-7b --prepare-only >>"$LOG" 2>&1
-    bench "1.5B 1 GPU" --use-liger-kernels --max-steps 20
-    for n in 4; do
-        echo "=== 1.5B $n GPUs" >>"$LOG"
-        torchrun --standalone --nproc-per-node=$n bench/bench_train.py --work-dir $WORK --label "1.5B $n GPUs" \
-            --use-liger-kernels --max-steps 20 --batch-size $((16 * n)) >>"$LOG" 2>&1 || echo "FAILED $n" | tee -a "$LOG"
-    done
-    echo "=== 7B 4 GPUs" >>"$LOG"
-    torchrun --standalone --nproc-per-node=4 bench/bench_train.py --work-dir $WORK --model qwen2.5-7b \
-        --label "7B 4 GPUs" --run-name run7b --use-liger-kernels --max-steps 8 --warmup-steps 3 --batch-size 64 \
-        --save >>"$LOG" 2>&1 || echo "FAILED 7B" | tee -a "$LOG"
-    echo "=== 7B resume 2 GPUs" >>"$LOG"
-    torchrun --standalone --nproc-per-node=2 bench/bench_train.py --work-dir $WORK --model qwen2.5-7b \
-        --label "7B resume on 2 GPUs" --run-name run7b --use-liger-kernels --max-steps 10 --warmup-steps 1 \
-        --batch-size 64 --save --resume >>"$LOG" 2>&1 || echo "FAILED 7B resume" | tee -a "$LOG"
+    step 90 python bench/bench_train.py --work-dir $WORK --model qwen2.5-7b --prepare-only
+    step 60 python bench/bench_train.py --work-dir $WORK --prepare-only
+    step 200 torchrun --standalone --nproc-per-node=4 bench/bench_train.py --work-dir $WORK --model qwen2.5-7b \
+        --label "7B 4 GPUs" --run-name run7b --use-liger-kernels --max-steps 4 --warmup-steps 2 --batch-size 64 \
+        --save ${SAVE_7B:-all}
+    S="--use-liger-kernels --max-steps 12 --warmup-steps 4"
+    bench "1.5B 1 GPU" $S
+    step 90 torchrun --standalone --nproc-per-node=4 bench/bench_train.py --work-dir $WORK --label "1.5B 4 GPUs" \
+        $S --batch-size 64
+    step 300 torchrun --standalone --nproc-per-node=2 bench/bench_train.py --work-dir $WORK --model qwen2.5-7b \
+        --label "7B resume on 2 GPUs" --run-name run7b --use-liger-kernels --max-steps 5 --warmup-steps 1 \
+        --batch-size 64 --resume
     ;;
 esac
-grep -E "^(BENCH|PEER|SAVE|FAILED)|host peak RSS|activation checkpointing|passed|failed" "$LOG" | cut -c1-600
+grep -oE "(BENCH|PEER|SAVE|FAILED) .*|host peak RSS.*|activation checkpointing.*|[0-9]+ (passed|failed).*" "$LOG" | cut -c1-600
