@@ -316,7 +316,7 @@ def main() -> None:
         torch.manual_seed(0)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 7B random init is slow on a CPU
             AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16).save_pretrained(model_dir)
-    data_path = work_dir / f"data-{args.num_samples}.jsonl"
+    data_path = work_dir / f"data-{args.num_samples}-vocab{config_kwargs['vocab_size']}.jsonl"  # ids < vocab
     if not data_path.exists():
         write_workload(data_path, args.num_samples, config_kwargs["vocab_size"])
     if args.prepare_only:

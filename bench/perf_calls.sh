@@ -68,9 +68,9 @@ scaling)
     bench "1.5B 1 GPU" $S
     step 90 torchrun --standalone --nproc-per-node=4 bench/bench_train.py --work-dir $WORK --label "1.5B 4 GPUs" \
         $S --batch-size 64
-    step 300 torchrun --standalone --nproc-per-node=2 bench/bench_train.py --work-dir $WORK --model qwen2.5-7b \
-        --label "7B resume on 2 GPUs" --run-name run7b --use-liger-kernels --max-steps 5 --warmup-steps 1 \
-        --batch-size 64 --resume
+    [ "${SAVE_7B:-all}" = all ] && step 300 torchrun --standalone --nproc-per-node=2 bench/bench_train.py \
+        --work-dir $WORK --model qwen2.5-7b --label "7B resume on 2 GPUs" --run-name run7b --use-liger-kernels \
+        --max-steps 5 --warmup-steps 1 --batch-size 64 --resume
     ;;
 esac
 grep -oE "(BENCH|PEER|SAVE|FAILED) .*|host peak RSS.*|activation checkpointing.*|[0-9]+ (passed|failed).*" "$LOG" | cut -c1-600
