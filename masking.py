@@ -6,7 +6,8 @@ are missing was left out by the template. A one-off probe of the template tells 
 end-of-turn token look like, whether the template adds a default system prompt, and whether it renders reasoning
 at all. Tokens inside an assistant turn's body (after its header, through its end-of-turn token) are trained, and
 with `unmask` also the contents of user and tool messages; everything else is -100. Anything unexpected is an
-error, never a silently wrong label.
+error, never a silently wrong label. That the markers change nothing else is checked by rendering the chat a second
+time without them (process_data does it for a sample of chats: see process_chunk).
 """
 
 import os
@@ -24,16 +25,21 @@ class MaskingError(ValueError):
     """The chat template does something we cannot locate message contents in reliably."""
 
 
+class RenderMismatch(MaskingError):
+    """The template renders a chat differently once its contents carry markers."""
+
+
 class ChatTemplateError(ValueError):
     """The chat template itself failed on a chat (its own raise_exception, or a Jinja error on odd input)."""
 
 
 # Private-use code points: \ue000 c3 \ue001 opens message 3's content and \ue002 c3 \ue003 closes it; "r" instead of
-# "c" marks its reasoning. Input text may not contain them (see process_data.validate_messages).
+# "c" marks its reasoning. Input text may not contain them (see chat_input.validate_messages).
 MARKER_CHARS_RE = re.compile("[\ue000-\ue003]")
 MARKER_RE = re.compile("\ue000([cr])(\\d+)\ue001|\ue002([cr])(\\d+)\ue003")
 FIELD_OF_CODE = {"c": "content", "r": "reasoning"}
 Marks = dict[tuple[int, str], list[int]]  # (message index, "content" | "reasoning") -> positions in the plain text
+Spans = list[tuple[int, int]]  # (start, end) character spans of the plain text, in order
 
 
 @dataclass
@@ -45,6 +51,7 @@ class TemplateInfo:
     eot: str  # the special token that closes an assistant turn ("<|im_end|>", "</s>", ...)
     default_system: str = ""  # the system prompt it adds to a chat that has none ("You are Qwen, ..."), or ""
     renders_reasoning: bool = False  # whether it renders an assistant's reasoning field, at least on the last turn
+    tests_text: bool = False  # whether it tests how a text starts or ends (see probe_template)
 
 
 def has_text(value) -> bool:
@@ -76,19 +83,16 @@ def locate_markers(marked: str) -> tuple[str, Marks, Marks]:
     """Removes the markers; returns the plain text and, per wrapped field, where its START/END markers were in it."""
     starts: Marks = {}
     ends: Marks = {}
-    pieces = []
-    last = removed = 0
-    for match in MARKER_RE.finditer(marked):
-        pieces.append(marked[last : match.start()])
-        position = match.start() - removed
-        if match.group(1) is not None:
-            starts.setdefault((int(match.group(2)), FIELD_OF_CODE[match.group(1)]), []).append(position)
+    parts = MARKER_RE.split(marked)  # text, then per marker its 4 groups and the text after it
+    position = len(parts[0])
+    for k in range(1, len(parts), 5):
+        start_code, start_index, end_code, end_index, text_after = parts[k : k + 5]
+        if start_code is not None:
+            starts.setdefault((int(start_index), FIELD_OF_CODE[start_code]), []).append(position)
         else:
-            ends.setdefault((int(match.group(4)), FIELD_OF_CODE[match.group(3)]), []).append(position)
-        removed += match.end() - match.start()
-        last = match.end()
-    pieces.append(marked[last:])
-    clean = "".join(pieces)
+            ends.setdefault((int(end_index), FIELD_OF_CODE[end_code]), []).append(position)
+        position += len(text_after)
+    clean = "".join(parts[::5])
     if MARKER_CHARS_RE.search(clean):
         raise MaskingError("the chat template splits message content; cannot mask reliably")
     return clean, starts, ends
@@ -103,12 +107,14 @@ def render(tokenizer, messages: list[dict], tools: list | None = None, add_gener
         raise ChatTemplateError(f"chat template error: {e}") from None
 
 
-def render_with_markers(tokenizer, messages: list[dict], tools: list | None = None) -> tuple[str, Marks, Marks]:
-    """Renders plainly and with markers; checks both agree. Returns (text, starts, ends)."""
-    text = render(tokenizer, messages, tools)
-    clean, starts, ends = locate_markers(render(tokenizer, wrap_fields(messages), tools))
-    if clean != text:
-        raise MaskingError("the chat template transforms message content; cannot mask reliably")
+def render_with_markers(
+    tokenizer, messages: list[dict], tools: list | None = None, check: bool = True
+) -> tuple[str, Marks, Marks]:
+    """Renders with markers; returns (plain text, starts, ends). With `check`, also renders plainly and raises
+    RenderMismatch unless both agree (a template that transforms or branches on content)."""
+    text, starts, ends = locate_markers(render(tokenizer, wrap_fields(messages), tools))
+    if check and text != render(tokenizer, messages, tools):
+        raise RenderMismatch("the chat template transforms message content; cannot mask reliably")
     return text, starts, ends
 
 
@@ -169,6 +175,9 @@ def probe_template(tokenizer) -> TemplateInfo:
         eot=eot,
         default_system=probe_default_system(tokenizer),
         renders_reasoning=probe_renders_reasoning(tokenizer),
+        # A marker changes what startswith/endswith answer, so such a template (Qwen3 tells tool responses from
+        # queries that way) may render a marked chat differently on some chats only: check every one.
+        tests_text=bool(re.search(r"\b(startswith|endswith)\b", str(tokenizer.chat_template))),
     )
 
 
@@ -200,8 +209,9 @@ def probe_renders_reasoning(tokenizer) -> bool:
     return (1, "reasoning") in starts
 
 
-def trained_spans(messages: list[dict], text: str, starts: Marks, ends: Marks, info: TemplateInfo,
-                  unmask: bool = False) -> list[tuple[int, int]]:  # fmt: skip
+def trained_spans(
+    messages: list[dict], text: str, starts: Marks, ends: Marks, info: TemplateInfo, unmask: bool = False
+) -> Spans:
     """Character spans (start, end) of `text` to train, in order: each assistant turn's body, end-of-turn token
     included, and with `unmask` the content of each user and tool message (from its first to its last non-blank
     character as rendered: no header, no end-of-turn token)."""
@@ -276,28 +286,31 @@ def render_warnings(messages: list[dict], starts: Marks, ends: Marks, info: Temp
     return sorted(warnings)
 
 
-def labels_from_offsets(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple]) -> list[int]:
+def labels_from_offsets(input_ids: list[int], offsets: list[tuple[int, int]], spans: Spans) -> list[int]:
     """The token's id where a token overlaps a trained span (an empty token counts from its position), else -100."""
     labels = [IGNORE_INDEX] * len(input_ids)
+    if not spans:
+        return labels
     k = 0
+    span_start, span_end = spans[0]
     for t, (s, e) in enumerate(offsets):
-        while k < len(spans) and spans[k][1] <= s:
+        while span_end <= s:  # the span is behind this token: on to the next
             k += 1
-        if k == len(spans):
-            break
-        span_start, span_end = spans[k]
-        if s < span_end and (e > span_start or (s == e and s >= span_start)):
+            if k == len(spans):
+                return labels
+            span_start, span_end = spans[k]
+        if e > span_start or (s == e and s >= span_start):
             labels[t] = input_ids[t]
     return labels
 
 
-def tokenize_chat(tokenizer, info: TemplateInfo, messages: list[dict], tools: list | None = None,
-                  unmask: bool = False) -> tuple[list[int], list[int], list[str]]:  # fmt: skip
-    """input_ids, labels and warnings of one validated chat; ChatTemplateError when the template fails on it,
-    MaskingError when its output cannot be located reliably."""
-    text, starts, ends = render_with_markers(tokenizer, messages, tools)
+def chat_text_and_spans(
+    tokenizer, info: TemplateInfo, messages: list[dict], tools: list | None, unmask: bool, check: bool
+) -> tuple[str, Spans, list[str]]:
+    """The rendered text of one validated chat, its trained character spans, and its warnings.
+
+    ChatTemplateError when the template fails on it, MaskingError when its output cannot be located reliably
+    (RenderMismatch, with `check`, when the plain render differs from the marked one)."""
+    text, starts, ends = render_with_markers(tokenizer, messages, tools, check)
     spans = trained_spans(messages, text, starts, ends, info, unmask)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = encoding["input_ids"]
-    labels = labels_from_offsets(input_ids, encoding["offset_mapping"], spans)
-    return input_ids, labels, render_warnings(messages, starts, ends, info)
+    return text, spans, render_warnings(messages, starts, ends, info)

@@ -18,24 +18,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 
+from chat_input import chat_of, open_input
 from masking import (
     IGNORE_INDEX,
-    MARKER_CHARS_RE,
-    REASONING_FIELDS,
     MaskingError,
+    RenderMismatch,
+    Spans,
     TemplateInfo,
-    has_text,
+    chat_text_and_spans,
+    labels_from_offsets,
     probe_template,
-    tokenize_chat,
 )
-from utils import InputError, atomic_write, fail, iter_jsonl_lines, location, parse_json_line, print0
+from utils import InputError, atomic_write, fail, location, parse_json_line, print0
 
-ALLOWED_ROLES = ("system", "user", "assistant", "tool", "pretrain")
-# ShareGPT's "from" -> our role; "function_call" is an assistant's tool call, "observation" a tool's result.
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "function_call": "assistant", "tool": "tool", "observation": "tool"}  # fmt: skip
-TABLE_SUFFIXES = (".parquet", ".arrow")  # read through `datasets`, like a folder written by save_to_disk
-CHUNK_SIZE = 64  # samples per task sent to a worker: large enough to amortize IPC, small enough to stream
+# Samples per task sent to a worker, encoded in one tokenizer call: large enough to amortize IPC and the call,
+# small enough to stream. The first chat of each is also rendered without markers as a check (see process_chunk).
+CHUNK_SIZE = 64
+OUTPUT_FIELDS = ("input_ids", "labels", "len", "num_loss_counted_tokens")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -146,129 +145,55 @@ def why_no_tokenizer(name: str, error: BaseException) -> str:
     return f"--model-name-or-path {name} is not a folder, and the hub did not give its tokenizer ({first_line})"
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Reading and checking the input
-# ---------------------------------------------------------------------------------------------------------------------
+def prepare_sample(tokenizer, info: TemplateInfo, record: dict, check: bool = True) -> tuple[str, Spans | None, list]:
+    """The text to encode, its trained spans (None for a pretrain sample: all of it, then EOS) and its warnings.
+    ValueError with the reason a record is unusable: bad input, MaskingError or ChatTemplateError."""
+    messages, tools = chat_of(record)
+    if messages[0]["role"] == "pretrain":
+        if tokenizer.eos_token_id is None:
+            raise MaskingError("the tokenizer has no eos token to end a pretrain sample")
+        return messages[0]["content"], None, []
+    return chat_text_and_spans(tokenizer, info, messages, tools, bool(record.get("unmask")), check)
 
 
-def open_input(path: str) -> tuple[Iterator[tuple[int, bytes | dict]], int | None, str]:
-    """(items, how many if known, unit): JSONL lines as bytes numbered from 1, or a table's rows as dicts numbered
-    from 0 (as `dataset[i]` numbers them), read through the `datasets` library (imported only for those)."""
-    if not (os.path.isdir(path) or path.endswith(TABLE_SUFFIXES)):
-        with open(path, "rb") as f:
-            total = sum(1 for line in f if line.strip())
-        return iter_jsonl_lines(path), total, "line"
-    import datasets
-
-    try:
-        if os.path.isdir(path):
-            dataset = datasets.load_from_disk(path)
-        else:
-            builder = "parquet" if path.endswith(".parquet") else "arrow"
-            dataset = datasets.load_dataset(builder, data_files=path, split="train", streaming=True)
-    except Exception as e:
-        raise InputError(path, None, f"cannot be read by the datasets library ({e})") from None
-    if isinstance(dataset, datasets.DatasetDict):
-        split = os.path.join(path, next(iter(dataset)))
-        raise InputError(path, None, f"holds the splits {', '.join(dataset)}: pass one split's folder, e.g. {split}")
-    return numbered_rows(path, dataset), len(dataset) if isinstance(dataset, datasets.Dataset) else None, "row"
+def sample_labels(tokenizer, input_ids: list[int], offsets: list, spans: Spans | None) -> tuple[list[int], list[int]]:
+    """input_ids and labels from the encoded text of prepare_sample."""
+    if spans is None:
+        input_ids = input_ids + [tokenizer.eos_token_id]
+        return input_ids, list(input_ids)
+    return input_ids, labels_from_offsets(input_ids, offsets, spans)
 
 
-def numbered_rows(path: str, dataset) -> Iterator[tuple[int, dict]]:
-    try:
-        yield from enumerate(dataset)
-    except Exception as e:  # a corrupt row group, say: the file's fault, not a bug of ours
-        raise InputError(path, None, f"cannot be read by the datasets library ({e})") from None
-
-
-def sharegpt_messages(record: dict) -> list[dict]:
-    """ShareGPT's {"conversations": [{"from": ..., "value": ...}]} (and a top-level "system") as messages."""
-    turns = record["conversations"]
-    if not isinstance(turns, list) or not turns:
-        raise ValueError("'conversations' is not a non-empty list")
-    messages = [{"role": "system", "content": record["system"]}] if has_text(record.get("system")) else []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise ValueError(f"conversations[{i}] is not an object with 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(turn["from"])
-        if role is None:
-            raise ValueError(f"conversations[{i}] has unknown 'from' {turn['from']!r} "
-                             f"(allowed: {', '.join(SHAREGPT_ROLES)})")  # fmt: skip
-        if turn["from"] != "function_call":
-            messages.append({"role": role, "content": turn["value"]})
-            continue
-        try:  # {"name": ..., "arguments": ...}, or a list of them, as a JSON string
-            calls = json.loads(turn["value"]) if isinstance(turn["value"], str) else turn["value"]
-        except json.JSONDecodeError:
-            raise ValueError(f"conversations[{i}] (function_call) is not JSON") from None
-        calls = calls if isinstance(calls, list) else [calls]
-        if not all(isinstance(c, dict) and "name" in c for c in calls):
-            raise ValueError(f"conversations[{i}] (function_call) is not a call with a 'name', nor a list of them")
-        messages.append({"role": "assistant", "tool_calls": [{"type": "function", "function": c} for c in calls]})
-    return messages
-
-
-def chat_of(record: dict) -> tuple[list[dict], list | None]:
-    """The record's validated messages and tools; ValueError with the reason they are unusable."""
-    if "messages" not in record and "conversations" in record:
-        messages = sharegpt_messages(record)
-    else:
-        messages = record.get("messages")
-    tools = record.get("tools")
-    if isinstance(tools, str) and "conversations" in record:  # ShareGPT keeps tools as a JSON string
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError:
-            raise ValueError("'tools' is a string that is not JSON") from None
-    if tools is not None and not isinstance(tools, list):
-        raise ValueError(f"'tools' is not a list ({type(tools).__name__})")
-    if record.get("unmask") not in (None, True, False):
-        raise ValueError(f"'unmask' is not true or false ({record['unmask']!r})")
-    validate_messages(messages)
-    return messages, tools
-
-
-def validate_messages(messages) -> None:
-    """Raises ValueError with the reason the messages are unusable. Null reasoning and tool_calls count as absent
-    (a table fills every field of every row)."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' is missing or not a non-empty list")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"message {i} is not an object")
-        if "role" not in message:
-            raise ValueError(f"message {i} has no 'role'")
-        role = message["role"]
-        if role not in ALLOWED_ROLES:
-            raise ValueError(f"message {i} has unknown role {role!r} (allowed: {', '.join(ALLOWED_ROLES)})")
-        reasoning = [message[f] for f in REASONING_FIELDS if message.get(f) is not None]
-        if reasoning and role != "assistant":
-            raise ValueError(f"message {i} ({role}) has reasoning; only assistant messages may")
-        if not all(isinstance(text, str) for text in reasoning):
-            raise ValueError(f"message {i} ({role}) has non-string reasoning")
-        content = message.get("content")
-        if content is None and role == "assistant" and (message.get("tool_calls") or any(map(has_text, reasoning))):
-            pass  # a tool call, or reasoning alone, needs no content
-        elif "content" not in message:
-            raise ValueError(f"message {i} ({role}) has no 'content'")
-        elif not isinstance(content, str):
-            raise ValueError(f"message {i} ({role}) has non-string content ({type(content).__name__})")
-        if any(MARKER_CHARS_RE.search(text) for text in (content or "", *reasoning)):
-            raise ValueError(f"message {i} contains private-use characters U+E000..U+E003, which are reserved")
-    if any(m["role"] == "pretrain" for m in messages) and len(messages) > 1:
-        raise ValueError("a 'pretrain' message must be the only message of its sample")
+def encode(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids and character offsets of each text, in one call (no attention mask: it would only cost time)."""
+    encoding = tokenizer(
+        texts,
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    return encoding["input_ids"], encoding["offset_mapping"]
 
 
 def tokenize_sample(tokenizer, info: TemplateInfo, record: dict) -> tuple[list[int], list[int], list[str]]:
-    """input_ids, labels and warnings of one record; ValueError (bad input) or MaskingError (template) otherwise."""
-    messages, tools = chat_of(record)
-    if messages[0]["role"] == "pretrain":
-        input_ids = tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is None:
-            raise MaskingError("the tokenizer has no eos token to end a pretrain sample")
-        input_ids = input_ids + [tokenizer.eos_token_id]
-        return input_ids, list(input_ids), []
-    return tokenize_chat(tokenizer, info, messages, tools, unmask=bool(record.get("unmask")))
+    """input_ids, labels and warnings of one record, its render always checked; ValueError otherwise."""
+    text, spans, warnings = prepare_sample(tokenizer, info, record)
+    (input_ids,), (offsets,) = encode(tokenizer, [text])
+    return *sample_labels(tokenizer, input_ids, offsets, spans), warnings
+
+
+def output_line(record: dict, input_ids: list[int], labels: list[int], num_loss: int) -> str:
+    """json.dumps of the record with the output fields set, byte for byte; for a record without them, built
+    faster: json's encoder spends longer on the two long lists of ints than their repr, which is the same text."""
+    if any(field in record for field in OUTPUT_FIELDS):
+        fields = dict(zip(OUTPUT_FIELDS, (input_ids, labels, len(input_ids), num_loss), strict=True))
+        return json.dumps({**record, **fields}, ensure_ascii=False)
+    return (
+        f"{json.dumps(record, ensure_ascii=False)[:-1]}, "
+        f'"input_ids": {input_ids!r}, "labels": {labels!r}, "len": {len(input_ids)}, '
+        f'"num_loss_counted_tokens": {num_loss}}}'
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,40 +203,61 @@ def tokenize_sample(tokenizer, info: TemplateInfo, record: dict) -> tuple[list[i
 _worker: dict = {}
 
 
-def init_worker(model_name_or_path: str, chat_template_path: str | None, max_tokens: int | None, path: str) -> None:
-    """Pool initializer: loads the tokenizer and probes its template once per process."""
-    tokenizer = load_tokenizer(model_name_or_path, chat_template_path)
-    _worker.update(tokenizer=tokenizer, info=probe_template(tokenizer), max_tokens=max_tokens, path=path)
+def init_worker(
+    model_name_or_path: str, chat_template_path: str | None, max_tokens: int | None, path: str, unit: str
+) -> None:
+    """Pool initializer. The tokenizer and the template probe come from the main process where workers fork from it
+    (and in --num-proc 1); loading the tokenizer again costs about 0.8 s. Where they spawn, each loads its own."""
+    if "tokenizer" not in _worker:
+        tokenizer = load_tokenizer(model_name_or_path, chat_template_path)
+        _worker.update(tokenizer=tokenizer, info=probe_template(tokenizer))
+    _worker.update(max_tokens=max_tokens, path=path, unit=unit)
 
 
 def process_chunk(chunk: list[tuple[int, bytes | dict]]) -> list[tuple]:
-    """Per item: ("kept", n, json, len, trained, warnings) | ("dropped", n, reason) | ("invalid", n, reason)."""
-    tokenizer, info, max_tokens, path = _worker["tokenizer"], _worker["info"], _worker["max_tokens"], _worker["path"]
-    results = []
-    for number, item in chunk:
+    """Per item: ("kept", n, json, len, trained, warnings) | ("dropped", n, reason) | ("invalid", n, reason).
+
+    Each chat is rendered once, with markers (the plain text is what removing them leaves). The chunk's first
+    usable sample is also rendered plainly to check that both agree; a template that tests how texts start or end
+    gets every chat checked, since the markers may change its answers for some chats only."""
+    tokenizer, info, max_tokens = _worker["tokenizer"], _worker["info"], _worker["max_tokens"]
+    path, unit = _worker["path"], _worker["unit"]
+    results: list = [None] * len(chunk)
+    prepared = []  # (position in chunk, number, record, text, spans, warnings)
+    for k, (number, item) in enumerate(chunk):
         try:
             record = parse_json_line(path, number, item) if isinstance(item, bytes) else item
-            input_ids, labels, warnings = tokenize_sample(tokenizer, info, record)
+            check = info.tests_text or not prepared
+            prepared.append((k, number, record, *prepare_sample(tokenizer, info, record, check)))
         except InputError as e:
-            results.append(("invalid", number, e.reason))
-            continue
+            results[k] = ("invalid", number, e.reason)
+        except RenderMismatch as e:
+            if not info.tests_text:  # then the chats that were not checked may be wrong too: nothing can be kept
+                raise MaskingError(f"{location(path, number, unit)}: {e} (this chat was a check)") from None
+            results[k] = ("invalid", number, str(e))
         except ValueError as e:  # includes MaskingError and ChatTemplateError
-            results.append(("invalid", number, str(e)))
-            continue
-        num_loss = sum(label != IGNORE_INDEX for label in labels)
-        if num_loss == 0:
-            results.append(("dropped", number, "no trainable token"))
-        elif max_tokens is not None and len(input_ids) > max_tokens:
-            results.append(("dropped", number, f"longer than --max-sample-num-tokens={max_tokens}"))
-        else:
-            record.update(input_ids=input_ids, labels=labels, len=len(input_ids), num_loss_counted_tokens=num_loss)
-            try:
-                line = json.dumps(record, ensure_ascii=False)
-            except TypeError as e:  # a table's row may hold dates or bytes
-                results.append(("invalid", number, f"a field cannot be written as JSON ({e})"))
-                continue
-            results.append(("kept", number, line, len(input_ids), num_loss, warnings))
+            results[k] = ("invalid", number, str(e))
+    if prepared:
+        encoded = zip(prepared, *encode(tokenizer, [p[3] for p in prepared]), strict=True)
+        for (k, number, record, _, spans, warnings), input_ids, offsets in encoded:
+            input_ids, labels = sample_labels(tokenizer, input_ids, offsets, spans)
+            results[k] = sample_result(number, record, input_ids, labels, warnings, max_tokens)
     return results
+
+
+def sample_result(
+    number: int, record: dict, input_ids: list[int], labels: list[int], warnings: list[str], max_tokens: int | None
+) -> tuple:
+    num_loss = len(labels) - labels.count(IGNORE_INDEX)
+    if num_loss == 0:
+        return "dropped", number, "no trainable token"
+    if max_tokens is not None and len(input_ids) > max_tokens:
+        return "dropped", number, f"longer than --max-sample-num-tokens={max_tokens}"
+    try:
+        line = output_line(record, input_ids, labels, num_loss)
+    except TypeError as e:  # a table's row may hold dates or bytes
+        return "invalid", number, f"a field cannot be written as JSON ({e})"
+    return "kept", number, line, len(input_ids), num_loss, warnings
 
 
 def chunked(items: Iterator, size: int) -> Iterator[list]:
@@ -338,13 +284,16 @@ class Stats:
     examples: list[tuple[int, str]] = field(default_factory=list)  # (number, output line): a seeded reservoir
 
 
-def write_samples(args: argparse.Namespace, out, items: Iterator, total: int | None, unit: str) -> Stats:
+def write_samples(
+    args: argparse.Namespace, tokenizer, info: TemplateInfo, out, items: Iterator, total: int | None, unit: str
+) -> Stats:
     """Tokenizes every item (in worker processes if --num-proc > 1) and writes the kept ones in input order."""
     from tqdm import tqdm
 
     stats = Stats()
     rng = random.Random(args.seed)
-    init_args = (args.model_name_or_path, args.chat_template, args.max_sample_num_tokens, args.input_file)
+    _worker.update(tokenizer=tokenizer, info=info)
+    init_args = (args.model_name_or_path, args.chat_template, args.max_sample_num_tokens, args.input_file, unit)
     pool = Pool(args.num_proc, initializer=init_worker, initargs=init_args) if args.num_proc > 1 else None
     if pool is None:
         init_worker(*init_args)
@@ -450,19 +399,30 @@ def main(argv: list[str] | None = None) -> None:
     start_time = time.perf_counter()
     try:
         with atomic_write(args.output_file) as out:
-            stats = write_samples(args, out, items, total, unit)
+            stats = write_samples(args, tokenizer, info, out, items, total, unit)
             if not stats.lengths:  # fail inside the block: no output file is written
                 print_report(args, tokenizer, stats, unit)
                 what = "is empty" if not stats.num_read else f"gives no sample to keep ({stats.num_read} read)"
                 fail(f"{args.input_file} {what}; nothing written")
     except InputError as e:
         fail(f"{e} (use --skip-invalid to skip bad {unit}s)")
-    except OSError as e:
+    except (MaskingError, OSError) as e:
         fail(str(e))
     elapsed = time.perf_counter() - start_time
     print_report(args, tokenizer, stats, unit)
     print0(f"wrote {args.output_file} in {elapsed:.1f}s ({stats.num_read / max(elapsed, 1e-9):.0f} samples/s)")
 
 
+def without_torch() -> None:
+    """Keeps transformers from importing torch, which a tokenizer does not need (about 1 s of start-up here).
+
+    A None entry in sys.modules makes `import torch` fail and find_spec report it missing, which transformers and
+    datasets both check. Done only when this file runs as a script (its workers fork from it), never when it is
+    imported beside train.py."""
+    sys.modules.setdefault("torch", None)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # its "PyTorch was not found" notice
+
+
 if __name__ == "__main__":
+    without_torch()
     main()

@@ -251,3 +251,24 @@ def test_gemma2_system_role_gives_template_error_with_line(real_tokenizers_dir, 
     assert exit_info.value.code == 1
     assert f"{input_file}:2: chat template error: System role not supported" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_template_that_tests_texts_gets_every_chat_checked(real_tokenizers_dir):
+    """Qwen3 tells a tool response sent as a user message by how its text starts and ends; with markers it would
+    take it for a query and drop an earlier turn's reasoning. A chunk renders only its first chat twice, but such a
+    template gets every chat checked: the chat is refused, never kept with input_ids unlike apply_chat_template's."""
+    root = str(real_tokenizers_dir)
+    tokenizer = _load(root, "qwen3")
+    assert probe_template(tokenizer).tests_text and not probe_template(_load(root, "qwen2.5-instruct")).tests_text
+    normal = {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}
+    tool_response_as_user = {"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Checking.", "reasoning_content": "look it up"},
+        {"role": "user", "content": "<tool_response>\nsunny\n</tool_response>"},
+        {"role": "assistant", "content": "Sunny.", "reasoning_content": "it is sunny"},
+    ]}  # fmt: skip
+    process_data._worker.update(tokenizer=tokenizer, info=probe_template(tokenizer), max_tokens=None, path="in",
+                                unit="line")  # fmt: skip
+    results = process_data.process_chunk([(1, normal), (2, tool_response_as_user)])
+    assert results[0][0] == "kept"
+    assert results[1] == ("invalid", 2, "the chat template transforms message content; cannot mask reliably")

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import random
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from conftest import trained_runs
 
 import process_data
-from masking import IGNORE_INDEX, MaskingError, probe_template
+from masking import IGNORE_INDEX, MaskingError, labels_from_offsets, probe_template
 from process_data import tokenize_sample
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -588,3 +589,89 @@ def test_table_errors_name_the_row(tmp_path, tiny_model_dir, capsys):
     code, _, err = run_main(capsys, splits, tmp_path / "out.jsonl", tiny_model_dir)
     assert code == 1 and f"holds the splits train: pass one split's folder, e.g. {splits}/train" in one_error_line(err)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fast path: one marked render per chat, one tokenizer call per chunk (issue 10)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_chunk(tokenizer, items: list) -> list[tuple]:
+    """process_chunk in this process, on (number, JSON line as bytes or record) items."""
+    process_data._worker.update(tokenizer=tokenizer, info=probe_template(tokenizer), max_tokens=None, path="in.jsonl",
+                                unit="line")  # fmt: skip
+    return process_data.process_chunk(items)
+
+
+def test_chunk_gives_what_each_sample_gives_alone(tiny_tokenizer):
+    records = [
+        chat("Hi", "Hello."),
+        {"messages": [{"role": "pretrain", "content": "Waves roll in."}], "id": 1},
+        {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A.", "thinking": "t"}]},
+        {"messages": [{"role": "system", "content": "S"}, *chat("Weather?", "Sunny.")["messages"]], "unmask": True},
+        {"messages": [{"role": "user", "content": "no answer"}]},
+        {**chat("Hi", "Hello."), "input_ids": [1], "len": 0},  # output fields replaced in place, as json.dumps does
+    ]
+    items = [(n, json.dumps(r).encode()) for n, r in enumerate(records, start=1)]
+    items.insert(2, (99, b"{bad json"))
+    results = run_chunk(tiny_tokenizer, items)
+    assert [r[:2] for r in results] == [("kept", 1), ("kept", 2), ("invalid", 99), ("kept", 3), ("kept", 4),
+                                        ("dropped", 5), ("kept", 6)]  # fmt: skip
+    info = probe_template(tiny_tokenizer)
+    for record, result in zip(records[:4] + records[5:], results[:2] + results[3:5] + results[6:], strict=True):
+        input_ids, labels, warnings = tokenize_sample(tiny_tokenizer, info, record)
+        num_loss = sum(label != IGNORE_INDEX for label in labels)
+        fields = {"input_ids": input_ids, "labels": labels, "len": len(input_ids), "num_loss_counted_tokens": num_loss}
+        assert result[2:] == (json.dumps({**record, **fields}, ensure_ascii=False), len(input_ids), num_loss, warnings)
+
+
+def test_a_chunk_check_that_fails_stops_the_run(tmp_path, tiny_model_dir, capsys):
+    """Only the first chat of each chunk is rendered twice; if its renders differ, the unchecked chats may be wrong
+    too, so nothing is kept (--skip-invalid or not)."""
+    template = tmp_path / "branchy.jinja"  # renders a content differently when it equals 'magic' exactly
+    template.write_text(KEEP_ALL.replace("{{ m.content if m.content is string else '' }}",
+                                         "{{ 'MAGIC' if m.content == 'magic' else m.content }}"))  # fmt: skip
+    input_file = write_lines(tmp_path / "in.jsonl", [chat("magic", "b")] + [chat("a", "b")] * 70)
+    code, _, err = run_main(capsys, input_file, tmp_path / "out.jsonl", tiny_model_dir, "--chat-template",
+                            str(template), "--skip-invalid")  # fmt: skip
+    assert code == 1
+    assert f"error: {input_file}:1: the chat template transforms message content; cannot mask reliably" in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_does_not_import_torch(tmp_path, tiny_model_dir):
+    """A tokenizer needs no torch; importing it cost about a second of every run."""
+    input_file = write_lines(tmp_path / "in.jsonl", [chat("a", "b")])
+    command = [sys.executable, "-X", "importtime", str(REPO_ROOT / "process_data.py"), "--input-file", str(input_file),
+               "--output-file", str(tmp_path / "out.jsonl"), "--model-name-or-path", str(tiny_model_dir)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| transformers" in result.stderr  # importtime did report
+    assert not re.findall(r"\|\s*torch$", result.stderr, flags=re.MULTILINE)
+    assert "PyTorch was not found" not in result.stderr
+
+
+def test_one_process_loads_the_tokenizer_once(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A second load cost about 0.8 s of every --num-proc 1 run (Qwen2.5's tokenizer)."""
+    loads = []
+    load = process_data.load_tokenizer
+    monkeypatch.setattr(process_data, "load_tokenizer", lambda *args: loads.append(args) or load(*args))
+    input_file = write_lines(tmp_path / "in.jsonl", [chat("a", "b")])
+    code, _, err = run_main(capsys, input_file, tmp_path / "out.jsonl", tiny_model_dir)
+    assert code == 0, err
+    assert len(loads) == 1
+
+
+def test_labels_follow_the_overlap_rule():
+    """A token is trained when it overlaps a span, or is empty and lies inside one (at its start included)."""
+    rng = random.Random(0)
+    for _ in range(20000):
+        length = rng.randint(1, 30)
+        offsets = sorted((a, min(length, a + rng.randint(0, 4))) for a in rng.choices(range(length + 1), k=12))
+        cuts = sorted(rng.choices(range(length + 1), k=2 * rng.randint(0, 3)))
+        spans = list(zip(cuts[::2], cuts[1::2], strict=True))
+        expected = [
+            t if any(s < b and (e > a or a <= s == e) for a, b in spans) else IGNORE_INDEX
+            for t, (s, e) in enumerate(offsets)
+        ]
+        assert labels_from_offsets(list(range(len(offsets))), offsets, spans) == expected, (offsets, spans)
