@@ -404,8 +404,8 @@ def main(argv: list[str] | None = None) -> None:
                 print_report(args, tokenizer, stats, unit)
                 what = "is empty" if not stats.num_read else f"gives no sample to keep ({stats.num_read} read)"
                 fail(f"{args.input_file} {what}; nothing written")
-    except InputError as e:
-        fail(f"{e} (use --skip-invalid to skip bad {unit}s)")
+    except InputError as e:  # a bad line (or row), or a table that cannot be read
+        fail(f"{e} (use --skip-invalid to skip bad {unit}s)" if e.line_number is not None else str(e))
     except (MaskingError, OSError) as e:
         fail(str(e))
     elapsed = time.perf_counter() - start_time
