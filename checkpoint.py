@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from distributed import Dist, broadcast_from_rank0, fail_distributed, first_error
+from hf_stream import gathered, saved_tensors, write_weights
 from utils import atomic_directory, atomic_write, print0
 
 STATE_DIR = "state"
@@ -320,29 +321,44 @@ def latest_hf_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 def save_hf_checkpoint(wrapper: torch.nn.Module, tokenizer, output_dir: str | os.PathLike, samples_seen: int,
                        d: Dist) -> str | None:
-    """Gathers the full weights to CPU on rank 0 and writes them in Hugging Face format, in the model's original
-    dtype, into a temporary folder renamed at the end: a crash never leaves a half checkpoint.
+    """Writes the weights in Hugging Face format, in the model's original dtype, into a temporary folder renamed at
+    the end: a crash never leaves a half checkpoint. The weights are gathered and written one tensor at a time
+    (hf_stream.py), so rank 0's host memory holds one tensor, not the model.
 
     Returns None, or what failed (the same on every rank): a full disk costs this checkpoint, not the run."""
     model = wrapper.model
-    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    save_dtype = model.config.dtype
+    if isinstance(save_dtype, str):
+        save_dtype = getattr(torch, save_dtype)
+    tensors = saved_tensors(model)
     path = hf_checkpoint_path(output_dir, samples_seen)
+    full_tensors = None
+    if tensors is None:  # transformers merges or renames weights on save: it needs them all at once
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        full_tensors = gathered(tensors, save_dtype, on_this_rank=d.rank == 0)
     error = None
-    if d.rank == 0:
-        save_dtype = model.config.dtype
-        if isinstance(save_dtype, str):
-            save_dtype = getattr(torch, save_dtype)
-        state_dict = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        try:
+    try:
+        if d.rank == 0:
             with atomic_directory(path) as tmp:
-                model.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")
-                model.config.dtype = save_dtype  # save_pretrained wrote the fp32 training copy's dtype
-                model.config.save_pretrained(tmp)
+                model.config.dtype = save_dtype  # the training copy is fp32; the checkpoint is in the original dtype
+                if full_tensors is not None:
+                    write_weights(tmp, tensors, save_dtype, full_tensors)
+                    model.config.save_pretrained(tmp)
+                    if model.generation_config is not None:
+                        model.generation_config.save_pretrained(tmp)
+                else:
+                    state_dict = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+                    model.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")
+                    model.config.save_pretrained(tmp)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
             print0(f"saved {path}")
-        except Exception as e:  # disk full, permission: safetensors and transformers raise their own types
-            error = f"could not save the Hugging Face checkpoint {path}: {describe(e)}"
+    except Exception as e:  # disk full, permission: safetensors and transformers raise their own types
+        error = f"could not save the Hugging Face checkpoint {path}: {describe(e)}"
+    finally:
+        for _ in full_tensors or ():  # the other ranks gather every tensor: rank 0 joins them to the end
+            pass
     return first_error(error)
 
 

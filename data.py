@@ -1,19 +1,24 @@
 """Tokenized data to micro-batches: process_data.py's JSONL is validated once, cached as flat arrays that every rank
 memory-maps, and packed into padding-free rows whose samples never see each other."""
 
+import dataclasses
 import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Queue
 
 import numpy as np
 import torch
 
 from distributed import Dist, fail_distributed, first_error
+from sampler import distribute_batch
 from utils import InputError, iter_jsonl_lines, parse_json_line, print0
 
 
@@ -172,8 +177,14 @@ class MicroBatch:
     max_seqlen: int
     num_tokens: int
 
+    def to(self, device: torch.device) -> "MicroBatch":
+        """Copies without waiting when the tensors are in pinned host memory."""
+        tensors = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **tensors)
 
-def pack_micro_batch(data: TokenizedData, sample_ids: list[int], device: torch.device) -> MicroBatch:
+
+def pack_on_host(data: TokenizedData, sample_ids: list[int], pin_memory: bool = False) -> MicroBatch:
     """Packs samples into one row. Labels are shifted within each sample, so a sample's last token never
     predicts the next sample's first token. An empty list gives a one-token row with no loss (a rank with
     fewer samples still runs every micro-batch, since FSDP's collectives must match)."""
@@ -186,14 +197,69 @@ def pack_micro_batch(data: TokenizedData, sample_ids: list[int], device: torch.d
         positions = np.concatenate([np.arange(length) for length in lengths])
         targets = np.concatenate([np.append(data.labels[start + 1:end], -100) for start, end in spans])
     loss_positions = np.flatnonzero(targets != -100)
-    to_device = lambda a, dtype=torch.long: torch.as_tensor(a, dtype=dtype).to(device, non_blocking=True)  # noqa: E731
+
+    def tensor(array: np.ndarray, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        host = torch.as_tensor(array, dtype=dtype)
+        return host.pin_memory() if pin_memory else host
+
     return MicroBatch(
-        input_ids=to_device(ids)[None],
-        position_ids=to_device(positions)[None],
-        loss_positions=to_device(loss_positions),
-        loss_targets=to_device(targets[loss_positions]),
-        cu_seqlens=to_device(np.concatenate([[0], np.cumsum(lengths)]), torch.int32),
+        input_ids=tensor(ids)[None],
+        position_ids=tensor(positions)[None],
+        loss_positions=tensor(loss_positions),
+        loss_targets=tensor(targets[loss_positions]),
+        cu_seqlens=tensor(np.concatenate([[0], np.cumsum(lengths)]), torch.int32),
         max_seqlen=int(max(lengths)),
         num_tokens=int(sum(lengths)),
     )
 
+
+def pack_micro_batch(data: TokenizedData, sample_ids: list[int], device: torch.device) -> MicroBatch:
+    return pack_on_host(data, sample_ids).to(device)
+
+
+@dataclass
+class PackedStep:
+    """One optimizer step: its place in the data, and this rank's micro-batches packed on the host."""
+
+    epoch: int
+    batch_index: int
+    sample_ids: list[int]  # the whole batch, over all ranks
+    micro_batches: list[MicroBatch]  # this rank's
+    num_loss_tokens: int  # over all ranks
+    num_tokens: int  # over all ranks
+
+
+def pack_steps(data: TokenizedData, batches: Iterator[tuple[int, int, list[int]]], max_tokens_per_gpu: int,
+               d: Dist) -> Iterator[PackedStep]:
+    """Each batch split over ranks and micro-batches (sampler.distribute_batch), this rank's part packed; in
+    pinned memory on CUDA, so that copying it to the GPU does not make the host wait."""
+    pin_memory = d.device.type == "cuda"
+    for epoch, batch_index, sample_ids in batches:
+        plan = distribute_batch(sample_ids, data.lengths, d.world_size, max_tokens_per_gpu)
+        yield PackedStep(epoch, batch_index, sample_ids, [pack_on_host(data, ids, pin_memory) for ids in plan[d.rank]],
+                         num_loss_tokens=int(data.num_loss_tokens[sample_ids].sum()),
+                         num_tokens=int(data.lengths[sample_ids].sum()))
+
+
+def in_background(items: Iterator, ahead: int = 1) -> Iterator:
+    """Runs `items` in a thread, up to `ahead` items ahead of the consumer: the next step is packed while the GPU
+    runs this one. An exception in the thread is raised in the consumer."""
+    queue: Queue = Queue(maxsize=ahead)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                queue.put((item, None))
+        except BaseException as e:  # handed to the consumer
+            queue.put((None, e))
+        queue.put((done, None))
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        item, error = queue.get()
+        if error is not None:
+            raise error
+        if item is done:
+            return
+        yield item

@@ -61,6 +61,55 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, target
     return total
 
 
+class LinearCrossEntropySum(torch.autograd.Function):
+    """Sum of CE of `hidden @ weight.T` over rows, one chunk of logits at a time, with Liger's Triton CE kernel.
+
+    Liger's own fused linear CE does the same but reads the count of labelled rows back to the host (`.item()`)
+    in forward and compares grad_output to 1 on the host in backward: two waits of the host for the GPU per
+    micro-batch. Every row here has a label (the caller selects them), the reduction is a sum, and the upstream
+    gradient is applied on the GPU, so nothing is read back. Gradients are computed in forward (the logits are
+    never kept); the weight gradient is accumulated in fp32 over the chunks, then kept in the weight's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, chunk_mem_const):
+        from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
+
+        num_rows, vocab_size = hidden.shape[0], weight.shape[0]
+        # Liger's chunking: transient logits of at most chunk_mem_const * rows * hidden elements
+        chunks = -(-vocab_size // (chunk_mem_const * hidden.shape[1]))
+        chunk_rows = min(num_rows, next_power_of_2(-(-num_rows // chunks)))
+        loss_per_row = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, num_rows, chunk_rows):
+            end = min(start + chunk_rows, num_rows)
+            logits = hidden[start:end] @ weight.T  # the kernel overwrites it with its gradient
+            liger_cross_entropy_kernel[(end - start,)](
+                X_ptr=logits, X_stride=logits.stride(-2), Y_ptr=targets[start:end], Y_stride=1, weight_ptr=None,
+                loss_ptr=loss_per_row[start:end], z_loss_ptr=None, loss_stride=1, token_accuracy_ptr=None,
+                token_accuracy_stride=0, predicted_tokens_ptr=None, predicted_tokens_stride=0, n_cols=vocab_size,
+                n_non_ignore=1, sum_non_ignore_weight=1, weight_sum=0.0, ignore_index=-100, lse_square_scale=0.0,
+                label_smoothing=0.0, reduction="sum", softcap=softcap, RETURN_Z_LOSS=False,
+                RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False,
+                BLOCK_SIZE=min(32768, next_power_of_2(vocab_size)), HAS_WEIGHT=False,
+                HAS_SOFTCAPPING=softcap is not None, HAS_GRADIENTS=True, num_warps=32,
+            )
+            torch.mm(logits, weight, out=grad_hidden[start:end])
+            torch.addmm(grad_weight, logits.T, hidden[start:end], out_dtype=torch.float32, out=grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))  # as Liger keeps it: in the weight's dtype
+        return loss_per_row.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors  # backward runs once: scale them in place
+        return grad_hidden.mul_(grad_output), grad_weight.mul_(grad_output), None, None, None
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def logits_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
     """Sum of CE over rows of the model's own logits, upcast to fp32 one chunk at a time (recomputed in backward)."""
 
@@ -154,6 +203,29 @@ class CausalLMWithSummedLoss(torch.nn.Module):
             what += f", plus the router's auxiliary loss x {self.router_aux_loss_coef}"
         return what
 
+    def refuse_unsupported(self, batch: "MicroBatch") -> None:
+        """Stops the run at start, with the reason, if the trainer cannot train this model exactly: what the loss
+        needs from its forward, then a forward of `batch` without gradients, in which an attention feature the kernels
+        lack raises with its name (attention.packed_attention_forward)."""
+        model, problem = self.model, None
+        if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+            problem = "its forward has no logits_to_keep, through which the loss takes its logits"
+        elif hasattr(model.config, "router_aux_loss_coef") and self.router_aux_loss_coef is None:
+            problem = ("its config weighs a router auxiliary loss (router_aux_loss_coef) that its forward cannot "
+                       "return (no output_router_logits)")
+        else:
+            try:
+                with torch.no_grad():
+                    self(batch)
+            except NotImplementedError as e:
+                problem = str(e)
+            finally:  # the root and the last layer stay gathered after a forward: the optimizer must see the shards
+                for module in self.modules():
+                    if isinstance(module, FSDPModule):
+                        module.reshard()
+        if problem:
+            fail_distributed(f"cannot train {type(model).__name__} exactly: {problem}")
+
     def forward(self, batch: "MicroBatch") -> torch.Tensor:
         own_head = self.loss_impl == "own_head"
         extra = {}
@@ -179,12 +251,8 @@ class CausalLMWithSummedLoss(torch.nn.Module):
         hidden = hidden.view(-1, hidden.shape[-1]).index_select(0, batch.loss_positions)
         weight = self.model.get_output_embeddings().weight
         if self.loss_impl == "liger" and batch.loss_positions.numel() > 0:
-            from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
-
-            # reduction="sum": its "none" reduction had gradient bugs. fp32 accumulation of the weight gradient.
-            return aux_loss + LigerFusedLinearCrossEntropyFunction.apply(
-                hidden, weight, batch.loss_targets, None, None, -100, 0.0, 0.0, "sum", self.softcap, False,
-                torch.float32, False, False, False, None, None, self.liger_chunk_mem_const)[0]
+            return aux_loss + LinearCrossEntropySum.apply(hidden, weight, batch.loss_targets, self.softcap,
+                                                          self.liger_chunk_mem_const)
         return aux_loss + chunked_cross_entropy_sum(hidden, weight, batch.loss_targets, self.softcap)
 
 
@@ -249,36 +317,20 @@ def load_model(model_name_or_path: str, attn_implementation: str, d: Dist):
     return model, full_state_dict, buffers, head_reason
 
 
-def refuse_unsupported(wrapper: CausalLMWithSummedLoss, batch: "MicroBatch") -> None:
-    """Stops the run at start, with the reason, if the trainer cannot train this model exactly: what the loss needs
-    from its forward, then a forward of `batch` without gradients, in which an attention feature the kernels lack
-    raises with its name (attention.packed_attention_forward)."""
-    model, problem = wrapper.model, None
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        problem = "its forward has no logits_to_keep, through which the loss takes its logits"
-    elif hasattr(model.config, "router_aux_loss_coef") and wrapper.router_aux_loss_coef is None:
-        problem = ("its config weighs a router auxiliary loss (router_aux_loss_coef) that its forward cannot return "
-                   "(no output_router_logits)")
-    else:
-        try:
-            with torch.no_grad():
-                wrapper(batch)
-        except NotImplementedError as e:
-            problem = str(e)
-        finally:  # the root and the last layer stay gathered after a forward: the optimizer must see the shards
-            for module in wrapper.modules():
-                if isinstance(module, FSDPModule):
-                    module.reshard()
-    if problem:
-        fail_distributed(f"cannot train {type(model).__name__} exactly: {problem}")
-
-
 def apply_liger(model: torch.nn.Module) -> None:
     """Liger's RMSNorm, SwiGLU and RoPE kernels; the loss is handled by CausalLMWithSummedLoss."""
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
+
+
+def apply_compile(model: torch.nn.Module) -> None:
+    """Regional torch.compile, in place of Liger's layer kernels: each decoder layer's forward is compiled, one
+    graph that every layer reuses (same code), with the sequence length dynamic so that rows of any length share
+    it. Norms, RoPE, SwiGLU and residual adds become a few fused kernels; FSDP's hooks stay outside."""
+    for layer in decoder_layers(model):
+        layer.forward = torch.compile(layer.forward, dynamic=True)
 
 
 def activation_bytes_per_token(model_config) -> int:

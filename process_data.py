@@ -1,38 +1,54 @@
-"""Tokenizes chat JSONL into `input_ids` and `labels` for train.py, training only on assistant turns.
+"""Tokenizes chats into `input_ids` and `labels` for train.py, training assistant turns (and asked, user contents).
 
-    python process_data.py --input-file chats.jsonl --output-file tokenized.jsonl \
+    python process_data.py --input-file chats.jsonl --output-file tokenized.jsonl \\
         --model-name-or-path Qwen/Qwen2.5-1.5B-Instruct --max-sample-num-tokens 32768
 
-Labels are found without `{% generation %}` markers: the chat template is rendered a second time with
-each message's content wrapped in private-use unicode markers, which tells us where every message
-landed in the rendered text. A one-off probe of the template tells us what an assistant header and
-an end-of-turn token look like. Tokens inside an assistant turn's body (after its header, through its
-end-of-turn token) are trained; everything else is -100. Anything unexpected is an error, never a
-silently wrong label.
+Input: JSONL, one chat per line, as {"messages": [...]} or ShareGPT's {"conversations": [...]}; or the rows of a
+parquet or Arrow file or of a `datasets` folder (save_to_disk). How labels are found is masking.py's docstring.
 """
 
 import argparse
 import json
 import os
 import random
-import re
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import Pool
 
-from utils import InputError, atomic_write, fail, iter_jsonl_lines, parse_json_line, print0
+from chat_input import chat_of, open_input
+from masking import (
+    IGNORE_INDEX,
+    MaskingError,
+    RenderMismatch,
+    Spans,
+    TemplateInfo,
+    chat_text_and_spans,
+    labels_from_offsets,
+    probe_template,
+)
+from utils import InputError, atomic_write, fail, location, parse_json_line, print0
 
-IGNORE_INDEX = -100
-ALLOWED_ROLES = ("system", "user", "assistant", "tool", "pretrain")
-CHUNK_SIZE = 64  # lines per task sent to a worker: large enough to amortize IPC, small enough to stream
+# Samples per task sent to a worker, encoded in one tokenizer call: large enough to amortize IPC and the call,
+# small enough to stream. The first chat of each is also rendered without markers as a check (see process_chunk).
+CHUNK_SIZE = 64
+OUTPUT_FIELDS = ("input_ids", "labels", "len", "num_loss_counted_tokens")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one `error: ...` line, like every other error of this script."""
+
+    def error(self, message: str) -> None:
+        fail(f"{message} (see --help)", 2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input-file", required=True, help="JSONL file, one {'messages': [...]} chat per line.")
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--input-file", required=True, help="JSONL file of chats, or a parquet/Arrow file or datasets folder."
+    )
     parser.add_argument(
         "--output-file", required=True, help="JSONL file to write (atomically) the tokenized samples to."
     )
@@ -60,38 +76,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Skip bad input lines (listing each with its reason) instead of stopping at the first one.",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    problems = argument_problems(args)
+    if problems:
+        fail("; ".join(problems), 2)
+    return args
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Masking
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class MaskingError(ValueError):
-    """The chat template does something we cannot locate assistant turns in reliably."""
-
-
-# Private-use code points: \ue000 i \ue001 opens message i's content, \ue002 i \ue003 closes it.
-MARKER_CHARS = "\ue000\ue001\ue002\ue003"
-MARKER_RE = re.compile("\ue000(\\d+)\ue001|\ue002(\\d+)\ue003")
-MARKER_CHARS_RE = re.compile(f"[{MARKER_CHARS}]")
-
-
-@dataclass
-class TemplateInfo:
-    """What a probe of the chat template found: see probe_template."""
-
-    header: str  # text that opens an assistant turn ("<|im_start|>assistant\n"), or "" when there is none
-    gap: str  # text between a user's content and the next assistant's content
-    eot: str  # the special token that closes an assistant turn ("<|im_end|>", "</s>", ...)
+def argument_problems(args: argparse.Namespace) -> list[str]:
+    """Every problem with the arguments that can be seen before reading anything."""
+    problems = []
+    if not os.path.exists(args.input_file):
+        problems.append(f"--input-file {args.input_file}: no such file or folder")
+    if os.path.isdir(args.output_file):
+        problems.append(f"--output-file {args.output_file} is a folder")
+    elif os.path.exists(args.input_file) and os.path.realpath(args.output_file) == os.path.realpath(args.input_file):
+        problems.append("--output-file is the input file")
+    if args.chat_template is not None and not os.path.isfile(args.chat_template):
+        problems.append(f"--chat-template {args.chat_template}: no such file")
+    if args.num_proc < 1:
+        problems.append(f"--num-proc must be at least 1 (got {args.num_proc})")
+    if args.max_sample_num_tokens is not None and args.max_sample_num_tokens < 1:
+        problems.append(f"--max-sample-num-tokens must be at least 1 (got {args.max_sample_num_tokens})")
+    if args.num_examples_to_print < 0:
+        problems.append(f"--num-examples-to-print must be 0 or more (got {args.num_examples_to_print})")
+    return problems
 
 
 def load_tokenizer(model_name_or_path: str, chat_template_path: str | None = None):
-    """AutoTokenizer, fast only (we need offsets), with an optional chat template override."""
+    """AutoTokenizer, fast only (we need offsets), with an optional chat template override. ValueError, one line
+    saying what is wrong, otherwise."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    except Exception as e:
+        raise ValueError(why_no_tokenizer(model_name_or_path, e)) from None
     if not tokenizer.is_fast:
         raise MaskingError(f"{model_name_or_path}: a fast tokenizer (tokenizer.json) is needed for offsets")
     if chat_template_path is not None:
@@ -102,221 +122,78 @@ def load_tokenizer(model_name_or_path: str, chat_template_path: str | None = Non
     return tokenizer
 
 
-def render(tokenizer, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+def why_no_tokenizer(name: str, error: BaseException) -> str:
+    """One line for a tokenizer that did not load: a folder without one, or a name the hub did not give."""
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if os.path.isdir(name):
+        return f"--model-name-or-path {name}: no tokenizer could be loaded from this folder ({first_line})"
+    if os.path.exists(name):
+        return f"--model-name-or-path {name} is a file, not a model folder"
+    causes = []
+    while error is not None and error not in causes:
+        causes.append(error)
+        error = error.__cause__ or error.__context__
+    if any(isinstance(e, HFValidationError) for e in causes):
+        return f"--model-name-or-path {name} is not a folder, nor a model name the hub could have"
+    if any(isinstance(e, RepositoryNotFoundError) for e in causes):
+        return f"--model-name-or-path {name} is not a folder, and the hub has no such model (or it is private)"
+    if any(isinstance(e, (LocalEntryNotFoundError, ConnectionError)) for e in causes):
+        why = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else "no network?"
+        return f"--model-name-or-path {name} is not a folder, and the hub cannot be reached ({why})"
+    return f"--model-name-or-path {name} is not a folder, and the hub did not give its tokenizer ({first_line})"
 
 
-def wrap_contents(messages: list[dict]) -> list[dict]:
-    """Copies of the messages with each non-blank string content wrapped in its index's markers.
-
-    Leading and trailing whitespace stays outside the markers so that templates which `trim`
-    (Mistral, Gemma, Llama 3) render the same text as without markers.
-    """
-    wrapped = []
-    for i, message in enumerate(messages):
-        content = message.get("content")
-        if isinstance(content, str) and content.strip():
-            core = content.strip()
-            start = content.index(core)
-            content = f"{content[:start]}\ue000{i}\ue001{core}\ue002{i}\ue003{content[start + len(core) :]}"
-            message = {**message, "content": content}
-        wrapped.append(message)
-    return wrapped
-
-
-def locate_markers(marked: str) -> tuple[str, dict[int, list[int]], dict[int, list[int]]]:
-    """Removes the markers; returns the clean text and, per message, where its START/END markers were in it."""
-    starts: dict[int, list[int]] = {}
-    ends: dict[int, list[int]] = {}
-    pieces = []
-    last = 0
-    removed = 0
-    for match in MARKER_RE.finditer(marked):
-        pieces.append(marked[last : match.start()])
-        position = match.start() - removed
-        if match.group(1) is not None:
-            starts.setdefault(int(match.group(1)), []).append(position)
-        else:
-            ends.setdefault(int(match.group(2)), []).append(position)
-        removed += match.end() - match.start()
-        last = match.end()
-    pieces.append(marked[last:])
-    clean = "".join(pieces)
-    if MARKER_CHARS_RE.search(clean):
-        raise MaskingError("the chat template splits message content; cannot mask reliably")
-    return clean, starts, ends
-
-
-def render_with_markers(tokenizer, messages: list[dict], tools: list | None = None):
-    """Renders plainly and with markers; checks both agree. Returns (text, starts, ends)."""
-    text = render(tokenizer, messages, tools)
-    clean, starts, ends = locate_markers(render(tokenizer, wrap_contents(messages), tools))
-    if clean != text:
-        raise MaskingError("the chat template transforms message content; cannot mask reliably")
-    return text, starts, ends
-
-
-def special_token_strings(tokenizer) -> list[str]:
-    """Every added token marked special (eos, <|im_end|>, <end_of_turn>, ...)."""
-    tokens = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-    tokens.update(tokenizer.all_special_tokens)
-    return sorted(t for t in tokens if t)
-
-
-def probe_template(tokenizer) -> TemplateInfo:
-    """Learns the assistant header and end-of-turn token from a tiny [user, assistant, user] render.
-
-    header = the longest prefix of the generation prompt that also ends the user->assistant gap (it
-    excludes what a generation prompt adds beyond the header, like DeepSeek's "<think>\\n").
-    eot = the first special token after the assistant's content.
-    """
-    probe = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
-    try:
-        text, starts, ends = render_with_markers(tokenizer, probe)
-    except MaskingError:
-        raise
-    except Exception as e:
-        raise MaskingError(f"the chat template fails on a plain user/assistant/user chat: {e}") from None
-    if not all(k in d for d in (starts, ends) for k in (0, 1, 2)):
-        raise MaskingError("the chat template drops message content in a user/assistant/user chat")
-    gap = text[ends[0][0] : starts[1][0]]
-    after = text[ends[1][0] : starts[2][0]]
-
-    user_only = probe[:1]
-    without = render(tokenizer, user_only)
-    with_prompt = render(tokenizer, user_only, add_generation_prompt=True)
-    common = os.path.commonprefix([without, with_prompt])
-    generation_prompt = with_prompt[len(common) :]
-    header = ""
-    for n in range(len(generation_prompt), 0, -1):
-        if gap.endswith(generation_prompt[:n]):
-            header = generation_prompt[:n]
-            break
-
-    specials = special_token_strings(tokenizer)
-    # The common-prefix cut may fall inside a special token (Phi-3: "<|endoftext|>" vs "<|assistant|>"): widen it.
-    header_at = len(gap) - len(header)
-    for token in specials:
-        at = gap.find(token)
-        while at >= 0:
-            if at < header_at < at + len(token):
-                header, header_at = gap[at:], at
-            at = gap.find(token, at + 1)
-
-    found = [(after.find(t), t) for t in specials if t in after]
-    if not found:
-        raise MaskingError(f"no special end-of-turn token after an assistant turn (found {after!r}); cannot mask")
-    eot = min(found, key=lambda x: (x[0], -len(x[1])))[1]
-    if not header and not gap.strip():
-        raise MaskingError("the chat template has no visible text before an assistant turn; cannot mask reliably")
-    return TemplateInfo(header=header, gap=gap, eot=eot)
-
-
-def assistant_spans(messages: list[dict], text: str, starts: dict, ends: dict, info: TemplateInfo) -> list[tuple]:
-    """Character spans (start, end) in `text` of each assistant turn's body, end-of-turn token included."""
-    all_markers = [(p, j) for d in (starts, ends) for j, ps in d.items() for p in ps]
-    spans = []
-    cursor = 0  # everything before it belongs to earlier messages
-    for i, message in enumerate(messages):
-        role = message["role"]
-        if role != "assistant":
-            # System prompts may be moved (Mistral folds it into the last user turn), so they don't move the cursor.
-            if role != "system" and i in ends and ends[i][0] > cursor:
-                cursor = ends[i][-1]
-            continue
-        start_i = starts.get(i, [None])
-        end_i = ends.get(i, [None])
-        if len(start_i) > 1 or len(end_i) > 1:
-            raise MaskingError(f"message {i}: the template renders this assistant content twice; cannot mask reliably")
-        start_i, end_i = start_i[0], end_i[0]
-        at = text.find(info.header, cursor) if info.header else -1
-        if at >= 0 and (start_i is None or at + len(info.header) <= start_i):
-            body_start = at + len(info.header)
-        elif info.header and start_i is None:
-            raise MaskingError(f"message {i}: assistant header {info.header!r} not found; cannot mask reliably")
-        elif start_i is not None:  # no header here (DeepSeek after a tool result): the content starts the body
-            body_start = start_i
-        else:
-            anchor = info.gap.strip()
-            at = text.find(anchor, cursor)
-            if at < 0:
-                raise MaskingError(f"message {i}: {anchor!r} before the assistant turn not found; cannot mask reliably")
-            body_start = at + len(anchor)
-        eot_from = max(body_start, end_i if end_i is not None else body_start)
-        at = text.find(info.eot, eot_from)
-        if at < 0:
-            raise MaskingError(f"message {i}: end of turn {info.eot!r} not found; cannot mask reliably")
-        body_end = at + len(info.eot)
-        in_order = (start_i is None or body_start <= start_i) and (
-            end_i is None or (body_start <= end_i < body_end and (start_i is None or start_i <= end_i))
-        )
-        foreign = [j for p, j in all_markers if j != i and body_start < p < body_end]
-        if not in_order or foreign:
-            raise MaskingError(f"message {i}: assistant turn not where expected in the rendered chat; cannot mask")
-        spans.append((body_start, body_end))
-        cursor = body_end
-    return spans
-
-
-def validate_messages(record: dict) -> list[dict]:
-    """Returns the messages of a record, or raises ValueError with the reason they are unusable."""
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' is missing or not a non-empty list")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"message {i} is not an object")
-        if "role" not in message:
-            raise ValueError(f"message {i} has no 'role'")
-        role = message["role"]
-        if role not in ALLOWED_ROLES:
-            raise ValueError(f"message {i} has unknown role {role!r} (allowed: {', '.join(ALLOWED_ROLES)})")
-        content = message.get("content")
-        if role == "assistant" and message.get("tool_calls") and content in (None, ""):
-            continue
-        if "content" not in message:
-            raise ValueError(f"message {i} ({role}) has no 'content'")
-        if not isinstance(content, str):
-            raise ValueError(f"message {i} ({role}) has non-string content ({type(content).__name__})")
-        if MARKER_CHARS_RE.search(content):
-            raise ValueError(f"message {i} contains private-use characters U+E000..U+E003, which are reserved")
-    if any(m["role"] == "pretrain" for m in messages) and len(messages) > 1:
-        raise ValueError("a 'pretrain' message must be the only message of its sample")
-    return messages
-
-
-def tokenize_sample(tokenizer, info: TemplateInfo, record: dict) -> tuple[list[int], list[int]]:
-    """input_ids and labels of one record; ValueError (bad input) or MaskingError (template) otherwise."""
-    messages = validate_messages(record)
+def prepare_sample(tokenizer, info: TemplateInfo, record: dict, check: bool = True) -> tuple[str, Spans | None, list]:
+    """The text to encode, its trained spans (None for a pretrain sample: all of it, then EOS) and its warnings.
+    ValueError with the reason a record is unusable: bad input, MaskingError or ChatTemplateError."""
+    messages, tools = chat_of(record)
     if messages[0]["role"] == "pretrain":
-        input_ids = tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is None:
             raise MaskingError("the tokenizer has no eos token to end a pretrain sample")
+        return messages[0]["content"], None, []
+    return chat_text_and_spans(tokenizer, info, messages, tools, bool(record.get("unmask")), check)
+
+
+def sample_labels(tokenizer, input_ids: list[int], offsets: list, spans: Spans | None) -> tuple[list[int], list[int]]:
+    """input_ids and labels from the encoded text of prepare_sample."""
+    if spans is None:
         input_ids = input_ids + [tokenizer.eos_token_id]
         return input_ids, list(input_ids)
-    tools = record.get("tools")
-    try:
-        text, starts, ends = render_with_markers(tokenizer, messages, tools)
-    except MaskingError:
-        raise
-    except Exception as e:  # the template's own raise_exception, or a Jinja error on odd input
-        raise ValueError(f"chat template error: {e}") from None
-    spans = assistant_spans(messages, text, starts, ends, info)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = encoding["input_ids"]
-    labels = [IGNORE_INDEX] * len(input_ids)
-    k = 0
-    for t, (s, e) in enumerate(encoding["offset_mapping"]):
-        while k < len(spans) and spans[k][1] <= s:
-            k += 1
-        if k == len(spans):
-            break
-        span_start, span_end = spans[k]
-        if s < span_end and (e > span_start or (s == e and s >= span_start)):
-            labels[t] = input_ids[t]
-    return input_ids, labels
+    return input_ids, labels_from_offsets(input_ids, offsets, spans)
+
+
+def encode(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids and character offsets of each text, in one call (no attention mask: it would only cost time)."""
+    encoding = tokenizer(
+        texts,
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    return encoding["input_ids"], encoding["offset_mapping"]
+
+
+def tokenize_sample(tokenizer, info: TemplateInfo, record: dict) -> tuple[list[int], list[int], list[str]]:
+    """input_ids, labels and warnings of one record, its render always checked; ValueError otherwise."""
+    text, spans, warnings = prepare_sample(tokenizer, info, record)
+    (input_ids,), (offsets,) = encode(tokenizer, [text])
+    return *sample_labels(tokenizer, input_ids, offsets, spans), warnings
+
+
+def output_line(record: dict, input_ids: list[int], labels: list[int], num_loss: int) -> str:
+    """json.dumps of the record with the output fields set, byte for byte; for a record without them, built
+    faster: json's encoder spends longer on the two long lists of ints than their repr, which is the same text."""
+    if any(field in record for field in OUTPUT_FIELDS):
+        fields = dict(zip(OUTPUT_FIELDS, (input_ids, labels, len(input_ids), num_loss), strict=True))
+        return json.dumps({**record, **fields}, ensure_ascii=False)
+    return (
+        f"{json.dumps(record, ensure_ascii=False)[:-1]}, "
+        f'"input_ids": {input_ids!r}, "labels": {labels!r}, "len": {len(input_ids)}, '
+        f'"num_loss_counted_tokens": {num_loss}}}'
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -326,46 +203,136 @@ def tokenize_sample(tokenizer, info: TemplateInfo, record: dict) -> tuple[list[i
 _worker: dict = {}
 
 
-def init_worker(model_name_or_path: str, chat_template_path: str | None, max_tokens: int | None, path: str) -> None:
-    """Pool initializer: loads the tokenizer and probes its template once per process."""
-    tokenizer = load_tokenizer(model_name_or_path, chat_template_path)
-    _worker.update(tokenizer=tokenizer, info=probe_template(tokenizer), max_tokens=max_tokens, path=path)
+def init_worker(
+    model_name_or_path: str, chat_template_path: str | None, max_tokens: int | None, path: str, unit: str
+) -> None:
+    """Pool initializer. The tokenizer and the template probe come from the main process where workers fork from it
+    (and in --num-proc 1); loading the tokenizer again costs about 0.8 s. Where they spawn, each loads its own."""
+    if "tokenizer" not in _worker:
+        tokenizer = load_tokenizer(model_name_or_path, chat_template_path)
+        _worker.update(tokenizer=tokenizer, info=probe_template(tokenizer))
+    _worker.update(max_tokens=max_tokens, path=path, unit=unit)
 
 
-def process_chunk(chunk: list[tuple[int, str]]) -> list[tuple]:
-    """Per line: ("kept", line, json, len, trained) | ("dropped", line, reason) | ("invalid", line, reason)."""
-    tokenizer, info, max_tokens, path = _worker["tokenizer"], _worker["info"], _worker["max_tokens"], _worker["path"]
-    results = []
-    for line_number, line in chunk:
+def process_chunk(chunk: list[tuple[int, bytes | dict]]) -> list[tuple]:
+    """Per item: ("kept", n, json, len, trained, warnings) | ("dropped", n, reason) | ("invalid", n, reason).
+
+    Each chat is rendered once, with markers (the plain text is what removing them leaves). The chunk's first
+    usable sample is also rendered plainly to check that both agree; a template that tests how texts start or end
+    gets every chat checked, since the markers may change its answers for some chats only."""
+    tokenizer, info, max_tokens = _worker["tokenizer"], _worker["info"], _worker["max_tokens"]
+    path, unit = _worker["path"], _worker["unit"]
+    results: list = [None] * len(chunk)
+    prepared = []  # (position in chunk, number, record, text, spans, warnings)
+    for k, (number, item) in enumerate(chunk):
         try:
-            record = parse_json_line(path, line_number, line)
-            input_ids, labels = tokenize_sample(tokenizer, info, record)
+            record = parse_json_line(path, number, item) if isinstance(item, bytes) else item
+            check = info.tests_text or not prepared
+            prepared.append((k, number, record, *prepare_sample(tokenizer, info, record, check)))
         except InputError as e:
-            results.append(("invalid", line_number, e.reason))
-            continue
-        except ValueError as e:  # includes MaskingError
-            results.append(("invalid", line_number, str(e)))
-            continue
-        num_loss = sum(label != IGNORE_INDEX for label in labels)
-        if num_loss == 0:
-            results.append(("dropped", line_number, "no trainable token"))
-        elif max_tokens is not None and len(input_ids) > max_tokens:
-            results.append(("dropped", line_number, f"longer than --max-sample-num-tokens={max_tokens}"))
-        else:
-            record.update(input_ids=input_ids, labels=labels, len=len(input_ids), num_loss_counted_tokens=num_loss)
-            results.append(("kept", line_number, json.dumps(record, ensure_ascii=False), len(input_ids), num_loss))
+            results[k] = ("invalid", number, e.reason)
+        except RenderMismatch as e:
+            if not info.tests_text:  # then the chats that were not checked may be wrong too: nothing can be kept
+                raise MaskingError(f"{location(path, number, unit)}: {e} (this chat was a check)") from None
+            results[k] = ("invalid", number, str(e))
+        except ValueError as e:  # includes MaskingError and ChatTemplateError
+            results[k] = ("invalid", number, str(e))
+    if prepared:
+        encoded = zip(prepared, *encode(tokenizer, [p[3] for p in prepared]), strict=True)
+        for (k, number, record, _, spans, warnings), input_ids, offsets in encoded:
+            input_ids, labels = sample_labels(tokenizer, input_ids, offsets, spans)
+            results[k] = sample_result(number, record, input_ids, labels, warnings, max_tokens)
     return results
 
 
-def chunked(lines: Iterator[tuple[int, str]], size: int) -> Iterator[list[tuple[int, str]]]:
+def sample_result(
+    number: int, record: dict, input_ids: list[int], labels: list[int], warnings: list[str], max_tokens: int | None
+) -> tuple:
+    num_loss = len(labels) - labels.count(IGNORE_INDEX)
+    if num_loss == 0:
+        return "dropped", number, "no trainable token"
+    if max_tokens is not None and len(input_ids) > max_tokens:
+        return "dropped", number, f"longer than --max-sample-num-tokens={max_tokens}"
+    try:
+        line = output_line(record, input_ids, labels, num_loss)
+    except TypeError as e:  # a table's row may hold dates or bytes
+        return "invalid", number, f"a field cannot be written as JSON ({e})"
+    return "kept", number, line, len(input_ids), num_loss, warnings
+
+
+def chunked(items: Iterator, size: int) -> Iterator[list]:
     chunk = []
-    for item in lines:
+    for item in items:
         chunk.append(item)
         if len(chunk) == size:
             yield chunk
             chunk = []
     if chunk:
         yield chunk
+
+
+@dataclass
+class Stats:
+    """What the run saw, for the summary."""
+
+    num_read: int = 0
+    lengths: list[int] = field(default_factory=list)  # of kept samples
+    trained_tokens: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason -> samples
+    invalid: list[tuple[int, str]] = field(default_factory=list)  # (number, reason), with --skip-invalid
+    warned: Counter = field(default_factory=Counter)  # warning -> kept samples it concerns
+    examples: list[tuple[int, str]] = field(default_factory=list)  # (number, output line): a seeded reservoir
+
+
+def write_samples(
+    args: argparse.Namespace, tokenizer, info: TemplateInfo, out, items: Iterator, total: int | None, unit: str
+) -> Stats:
+    """Tokenizes every item (in worker processes if --num-proc > 1) and writes the kept ones in input order."""
+    from tqdm import tqdm
+
+    stats = Stats()
+    rng = random.Random(args.seed)
+    _worker.update(tokenizer=tokenizer, info=info)
+    init_args = (args.model_name_or_path, args.chat_template, args.max_sample_num_tokens, args.input_file, unit)
+    pool = Pool(args.num_proc, initializer=init_worker, initargs=init_args) if args.num_proc > 1 else None
+    if pool is None:
+        init_worker(*init_args)
+    try:
+        chunks = chunked(items, CHUNK_SIZE)
+        results = pool.imap(process_chunk, chunks) if pool else map(process_chunk, chunks)
+        with tqdm(total=total, unit="sample", file=sys.stderr) as bar:
+            for chunk_results in results:
+                for result in chunk_results:
+                    kind, number = result[0], result[1]
+                    stats.num_read += 1
+                    if kind == "invalid":
+                        if not args.skip_invalid:
+                            raise InputError(args.input_file, number, result[2], unit)
+                        stats.invalid.append((number, result[2]))
+                    elif kind == "dropped":
+                        stats.dropped[result[2]] += 1
+                    else:
+                        _, _, line, length, num_loss, warnings = result
+                        out.write(line + "\n")
+                        stats.lengths.append(length)
+                        stats.trained_tokens += num_loss
+                        for warning in warnings:
+                            if not stats.warned[warning]:
+                                where = location(args.input_file, number, unit)
+                                bar.write(f"warning: {warning} (first at {where}; counted in the summary)", sys.stderr)
+                            stats.warned[warning] += 1
+                        if len(stats.examples) < args.num_examples_to_print:
+                            stats.examples.append((number, line))
+                        elif args.num_examples_to_print > 0:
+                            j = rng.randrange(len(stats.lengths))
+                            if j < args.num_examples_to_print:
+                                stats.examples[j] = (number, line)
+                bar.update(len(chunk_results))
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return stats
 
 
 def format_example(tokenizer, input_ids: list[int], labels: list[int], color: bool) -> str:
@@ -390,91 +357,72 @@ def percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[min(len(sorted_values) - 1, int(q / 100 * len(sorted_values)))]
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not os.path.isfile(args.input_file):
-        fail(f"{args.input_file}: no such file")
-    try:
-        tokenizer = load_tokenizer(args.model_name_or_path, args.chat_template)
-        info = probe_template(tokenizer)
-    except (MaskingError, OSError) as e:
-        fail(str(e))
-    print0(f"chat template: assistant header {info.header!r}, end of turn {info.eot!r}")
-
-    from tqdm import tqdm
-
-    with open(args.input_file, "rb") as f:
-        total_lines = sum(1 for line in f if line.strip())
-    rng = random.Random(args.seed)
-    examples: list[tuple[int, str]] = []  # (line number, output line): a seeded reservoir sample of kept samples
-    lengths: list[int] = []
-    dropped: Counter = Counter()
-    invalid: list[tuple[int, str]] = []
-    num_read = trained_tokens = 0
-    init_args = (args.model_name_or_path, args.chat_template, args.max_sample_num_tokens, args.input_file)
-    chunks = chunked(iter_jsonl_lines(args.input_file), CHUNK_SIZE)
-    start_time = time.perf_counter()
-    pool = Pool(args.num_proc, initializer=init_worker, initargs=init_args) if args.num_proc > 1 else None
-    if pool is None:
-        init_worker(*init_args)
-    try:
-        results = pool.imap(process_chunk, chunks) if pool else map(process_chunk, chunks)
-        with atomic_write(args.output_file) as out, tqdm(total=total_lines, unit="sample", file=sys.stderr) as bar:
-            for chunk_results in results:
-                for result in chunk_results:
-                    kind, line_number = result[0], result[1]
-                    num_read += 1
-                    if kind == "invalid":
-                        if not args.skip_invalid:
-                            raise InputError(args.input_file, line_number, result[2])
-                        invalid.append((line_number, result[2]))
-                    elif kind == "dropped":
-                        dropped[result[2]] += 1
-                    else:
-                        _, _, line, length, num_loss = result
-                        out.write(line + "\n")
-                        lengths.append(length)
-                        trained_tokens += num_loss
-                        if len(examples) < args.num_examples_to_print:
-                            examples.append((line_number, line))
-                        elif args.num_examples_to_print > 0:
-                            j = rng.randrange(len(lengths))
-                            if j < args.num_examples_to_print:
-                                examples[j] = (line_number, line)
-                bar.update(len(chunk_results))
-    except InputError as e:
-        fail(f"{e} (use --skip-invalid to skip bad lines)")
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    elapsed = time.perf_counter() - start_time
-
+def print_report(args: argparse.Namespace, tokenizer, stats: Stats, unit: str) -> None:
+    """The examples, the skipped lines and the summary."""
     color = sys.stdout.isatty()
-    for line_number, line in sorted(examples):
+    for number, line in sorted(stats.examples):
         sample = json.loads(line)
         input_ids, labels = sample["input_ids"], sample["labels"]
-        print0(f"\n=== example: line {line_number} ({len(input_ids)} tokens; trained spans in [[ ]]) ===")
+        print0(f"\n=== example: {unit} {number} ({len(input_ids)} tokens; trained spans in [[ ]]) ===")
         print0(format_example(tokenizer, input_ids, labels, color))
-    if invalid:
-        print0(f"\nskipped {len(invalid)} invalid line(s):")
-        for line_number, reason in invalid:
-            print0(f"  {args.input_file}:{line_number}: {reason}")
-    lengths.sort()
+    if stats.invalid:
+        print0(f"\nskipped {len(stats.invalid)} invalid {unit}(s):")
+        for number, reason in stats.invalid:
+            print0(f"  {location(args.input_file, number, unit)}: {reason}")
+    lengths = sorted(stats.lengths)
     print0("\n=== summary ===")
-    print0(f"samples read:    {num_read}")
+    print0(f"samples read:    {stats.num_read}")
     print0(f"samples kept:    {len(lengths)}")
-    print0(f"invalid skipped: {len(invalid)}")
-    for reason, count in sorted(dropped.items()):
+    print0(f"invalid skipped: {len(stats.invalid)}")
+    for reason, count in sorted(stats.dropped.items()):
         print0(f"dropped ({reason}): {count}")
-    print0(f"tokens: {sum(lengths)} total, {trained_tokens} trained")
+    for warning, count in sorted(stats.warned.items()):
+        print0(f"warning ({warning}): {count} kept samples")
+    print0(f"tokens: {sum(lengths)} total, {stats.trained_tokens} trained")
     print0(
         f"length: p50 {percentile(lengths, 50)}, p90 {percentile(lengths, 90)}, "
         f"p99 {percentile(lengths, 99)}, max {lengths[-1] if lengths else 0}"
     )
-    print0(f"wrote {args.output_file} in {elapsed:.1f}s ({num_read / max(elapsed, 1e-9):.0f} samples/s)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        tokenizer = load_tokenizer(args.model_name_or_path, args.chat_template)
+        info = probe_template(tokenizer)
+        items, total, unit = open_input(args.input_file)
+    except (ValueError, OSError) as e:  # ValueError includes MaskingError and InputError
+        fail(str(e))
+    print0(f"chat template: assistant header {info.header!r}, end of turn {info.eot!r}")
+
+    start_time = time.perf_counter()
+    try:
+        with atomic_write(args.output_file) as out:
+            stats = write_samples(args, tokenizer, info, out, items, total, unit)
+            if not stats.lengths:  # fail inside the block: no output file is written
+                print_report(args, tokenizer, stats, unit)
+                what = "is empty" if not stats.num_read else f"gives no sample to keep ({stats.num_read} read)"
+                fail(f"{args.input_file} {what}; nothing written")
+    except InputError as e:  # a bad line (or row), or a table that cannot be read
+        fail(f"{e} (use --skip-invalid to skip bad {unit}s)" if e.line_number is not None else str(e))
+    except (MaskingError, OSError) as e:
+        fail(str(e))
+    elapsed = time.perf_counter() - start_time
+    print_report(args, tokenizer, stats, unit)
+    print0(f"wrote {args.output_file} in {elapsed:.1f}s ({stats.num_read / max(elapsed, 1e-9):.0f} samples/s)")
+
+
+def without_torch() -> None:
+    """Keeps transformers from importing torch, which a tokenizer does not need (about 1 s of start-up here).
+
+    A None entry in sys.modules makes `import torch` fail and find_spec report it missing, which transformers and
+    datasets both check. Done only when this file runs as a script (its workers fork from it), never when it is
+    imported beside train.py."""
+    sys.modules.setdefault("torch", None)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # its "PyTorch was not found" notice
 
 
 if __name__ == "__main__":
+    without_torch()
     main()

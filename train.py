@@ -37,7 +37,7 @@ from checkpoint import (
     save_due,
     save_run_params,
 )
-from data import TokenizedData, load_data, pack_micro_batch
+from data import PackedStep, in_background, load_data, pack_micro_batch, pack_steps
 from distributed import (
     Dist,
     cleanup_distributed,
@@ -60,10 +60,9 @@ from model import (
     load_model,
     materialize_weights,
     model_path_problem,
-    refuse_unsupported,
     step_flops,
 )
-from sampler import batches_from, distribute_batch
+from sampler import batches_from
 from utils import print0
 
 
@@ -146,8 +145,7 @@ class TrainConfig:
     )
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention kernel (default: packed, mini_trainer's own: flash varlen kernels, or "
-                  "flex_attention for softcaps, on CUDA; transformers' eager math on CPU)."},
+        metadata={"help": "Attention kernel (default: packed, mini_trainer's own; see README's Model families)."},
     )
 
 
@@ -256,32 +254,37 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
 # Training
 
 
-def train_step(wrapper, optimizer, scheduler, data: TokenizedData, plan: list[list[list[int]]], config: TrainConfig,
-               d: Dist, inject_nan: bool = False) -> dict:
-    """One optimizer step over one global batch, split by `plan` into ranks and micro-batches.
+def train_step(wrapper, optimizer, scheduler, step: PackedStep, config: TrainConfig, d: Dist,
+               inject_nan: bool = False) -> dict:
+    """One optimizer step over one global batch, of which `step` holds this rank's micro-batches.
 
     A non-finite loss or gradient norm drops the step's gradients and skips both the optimizer and the LR
     scheduler, so the schedule counts the updates actually applied. Every rank sees the same all-reduced
-    values, so all agree on the skip.
+    values, so all agree on the skip. On CUDA the host never waits for the GPU before the whole step is queued: the
+    update is skipped on the device (fused AdamW's found_inf, the flag torch.amp.GradScaler hands it), and the
+    loss and gradient norm are read back once, after the optimizer step.
     """
-    all_ids = [i for rank_plan in plan for micro in rank_plan for i in micro]
-    num_loss_tokens = int(data.num_loss_tokens[all_ids].sum())
-    loss_scale = d.world_size / num_loss_tokens  # FSDP averages gradients over ranks; we want the global sum
+    loss_scale = d.world_size / step.num_loss_tokens  # FSDP averages gradients over ranks; we want the global sum
     loss_sum = torch.zeros((), device=d.device)
-    for sample_ids in plan[d.rank]:
-        batch = pack_micro_batch(data, sample_ids, d.device)
-        ce_sum = wrapper(batch)
+    for host_batch in step.micro_batches:
+        ce_sum = wrapper(host_batch.to(d.device))
         if inject_nan:
             ce_sum = ce_sum * float("nan")
         (ce_sum * loss_scale).backward()
         loss_sum += ce_sum.detach()
     grad_norm = clip_grad_norm(wrapper, config.max_grad_norm)
     dist.all_reduce(loss_sum)
-    loss, grad_norm = loss_sum.item() / num_loss_tokens, grad_norm.item()
-    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
     lr = scheduler.get_last_lr()[0]
-    if not skipped:
+    skip_on_device = optimizer.defaults["fused"]  # on CUDA; the CPU has no GPU to keep busy
+    if skip_on_device:
+        optimizer.found_inf = (~(loss_sum.isfinite() & grad_norm.isfinite())).float()
         optimizer.step()
+    loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()
+    loss = loss_sum / step.num_loss_tokens
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if not skipped:
+        if not skip_on_device:
+            optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {
@@ -289,10 +292,10 @@ def train_step(wrapper, optimizer, scheduler, data: TokenizedData, plan: list[li
         "grad_norm": grad_norm,
         "lr": lr,
         "skipped": skipped,
-        "num_samples": len(all_ids),
-        "num_loss_tokens": num_loss_tokens,
-        "num_tokens": int(data.lengths[all_ids].sum()),
-        "micro_batches": len(plan[d.rank]),
+        "num_samples": len(step.sample_ids),
+        "num_loss_tokens": step.num_loss_tokens,
+        "num_tokens": step.num_tokens,
+        "micro_batches": len(step.micro_batches),
     }
 
 
@@ -358,12 +361,11 @@ def main(argv: list[str] | None = None) -> None:
     apply_fsdp(wrapper, config.fsdp_sharding_strategy, compute_dtype, d)
     materialize_weights(wrapper, full_state_dict, buffers, d)
     del full_state_dict, buffers
-    refuse_unsupported(wrapper, pack_micro_batch(data, [0], d.device))  # a no-grad forward of one sample
-    print0(f"loss: {wrapper.describe_loss()}")
+    wrapper.refuse_unsupported(pack_micro_batch(data, [0], d.device))  # a no-grad forward of one sample
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path) if d.rank == 0 else None
     print0(f"model {config.model_name_or_path}: {num_params / 1e6:.1f}M parameters, "
            f"attention {attn_implementation}, compute {compute_dtype}, {d.world_size} ranks, "
-           f"{config.fsdp_sharding_strategy}")
+           f"{config.fsdp_sharding_strategy}; loss: {wrapper.describe_loss()}")
 
     # Optimizer
     optimizer = build_optimizer(wrapper, config, d.device)
@@ -387,14 +389,15 @@ def main(argv: list[str] | None = None) -> None:
     checkpointer = Checkpointer(wrapper, optimizer, scheduler, tokenizer, config.output_dir, config.keep_last_states,
                                 run_params, d)
     loop_start, preempted = time.time(), False
-    for epoch, batch_index, positions in batches_from(len(train_ids), config.batch_size, config.seed,
-                                                      config.num_epochs, progress.epoch, progress.batch_index):
+    batches = ((epoch, batch_index, train_ids[positions].tolist()) for epoch, batch_index, positions in
+               batches_from(len(train_ids), config.batch_size, config.seed, config.num_epochs, progress.epoch,
+                            progress.batch_index))
+    for packed in in_background(pack_steps(data, batches, config.max_tokens_per_gpu, d)):
         if progress.step >= stop_step:
             break
         step_start = time.time()
-        batch_ids = train_ids[positions].tolist()
-        plan = distribute_batch(batch_ids, data.lengths, d.world_size, config.max_tokens_per_gpu)
-        metrics = train_step(wrapper, optimizer, scheduler, data, plan, config, d,
+        epoch, batch_index, batch_ids = packed.epoch, packed.batch_index, packed.sample_ids
+        metrics = train_step(wrapper, optimizer, scheduler, packed, config, d,
                              inject_nan=progress.step + 1 in nan_steps)
         progress.step += 1
         progress.epoch, progress.batch_index = epoch, batch_index + 1

@@ -1,12 +1,12 @@
-"""What process_data.py and train.py share: rank-0 logging, input errors that name file and line,
+"""What process_data.py and train.py share: rank-0 logging, input errors that name file and line (or row),
 JSONL reading, atomic writes, and a clean exit with a message."""
 
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,30 +27,47 @@ def print0(*args, **kwargs) -> None:
 
 
 class InputError(ValueError):
-    """A problem with a user's input file, reported as `file:line: reason`."""
+    """A problem with a user's input file, reported as `file:line: reason` (or `file: row N: reason`)."""
 
-    def __init__(self, path: str | os.PathLike, line_number: int | None, reason: str):
+    def __init__(self, path: str | os.PathLike, line_number: int | None, reason: str, unit: str = "line"):
         self.path = str(path)
         self.line_number = line_number
         self.reason = reason
-        where = f"{self.path}:{line_number}" if line_number is not None else self.path
-        super().__init__(f"{where}: {reason}")
+        self.unit = unit
+        super().__init__(f"{location(self.path, line_number, unit)}: {reason}")
+
+    def __reduce__(self):  # pickled from a worker process: rebuild from the fields, not from the message
+        return InputError, (self.path, self.line_number, self.reason, self.unit)
 
 
-def iter_jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """Yields (1-based line number, raw line) for every non-blank line of a JSONL file."""
-    with open(path, encoding="utf-8") as f:
+def location(path: str | os.PathLike, number: int | None, unit: str = "line") -> str:
+    """`file:line` as editors and grep write it, `file: row N` for a table's row, or the file alone."""
+    if number is None:
+        return str(path)
+    return f"{path}:{number}" if unit == "line" else f"{path}: {unit} {number}"
+
+
+def iter_jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """Yields (1-based line number, raw line as bytes) for every non-blank line of a JSONL file.
+
+    Bytes, so that a line that is not UTF-8 is an error naming its line (parse_json_line), not of the whole read."""
+    with open(path, "rb") as f:
         for line_number, line in enumerate(f, start=1):
             if line.strip():
                 yield line_number, line
 
 
-def parse_json_line(path: str | os.PathLike, line_number: int, line: str) -> dict:
+def parse_json_line(path: str | os.PathLike, line_number: int, line: str | bytes) -> dict:
     """Parses one JSONL line into a dict, or raises InputError naming the file and line."""
     try:
-        record = json.loads(line)
+        text = line.decode() if isinstance(line, bytes) else line
+        record = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise InputError(path, line_number, f"not valid UTF-8 (byte {e.start + 1})") from None
     except json.JSONDecodeError as e:
-        raise InputError(path, line_number, f"malformed JSON ({e.msg} at column {e.colno})") from None
+        # An error at the end of the line is reported by json after the newline, on "line 2 column 1".
+        column = min(e.pos, len(text.rstrip("\r\n"))) + 1
+        raise InputError(path, line_number, f"malformed JSON ({e.msg} at column {column})") from None
     if not isinstance(record, dict):
         raise InputError(path, line_number, f"expected a JSON object, got {type(record).__name__}")
     return record
@@ -62,15 +79,22 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         yield line_number, parse_json_line(path, line_number, line)
 
 
+def temporary_path(path: Path) -> Path:
+    """A new hidden name beside `path` (64 random bits: creating it exclusively does not collide in practice)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
     """Opens a temporary file beside `path` and renames it over `path` only if the block succeeds.
 
-    A crash or an exception leaves either the old file or none, never a truncated one.
+    A crash or an exception leaves either the old file or none, never a truncated one. The file is created with
+    mode 0666 less the umask, as open() and save_pretrained create theirs (mkstemp would make it 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp_name = temporary_path(path)
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as f:
             yield f
@@ -88,11 +112,13 @@ def atomic_directory(path: str | os.PathLike):
     """Yields a temporary directory beside `path`; renames it to `path` only if the block succeeds.
 
     Used for checkpoints, so that a crash mid-save never leaves a half-written folder under the
-    final name. An existing `path` is replaced.
+    final name. An existing `path` is replaced. The folder gets mode 0777 less the umask, like mkdir (mkdtemp would
+    make it 0700).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp_dir = temporary_path(path)
+    os.mkdir(tmp_dir, 0o777)
     try:
         yield tmp_dir
         if path.exists():

@@ -41,6 +41,31 @@ def test_empty_micro_batch_has_no_loss_token():
     assert batch.num_tokens == 1 and batch.loss_positions.numel() == 0
 
 
+def test_packed_steps_cover_the_batch_and_background_keeps_order():
+    from data import in_background, pack_steps
+    from distributed import Dist
+
+    lengths = [5, 9, 3, 7, 4, 6]
+    data = TokenizedData(np.arange(sum(lengths), dtype=np.int32) % 50, np.arange(sum(lengths), dtype=np.int32) % 50,
+                         np.concatenate([[0], np.cumsum(lengths)]), np.array([n - 1 for n in lengths]))
+    batches = [(0, 0, [0, 1, 2]), (0, 1, [3, 4, 5])]
+    for rank in (0, 1):
+        d = Dist(rank, rank, 2, 2, torch.device("cpu"))
+        steps = list(in_background(pack_steps(data, iter(batches), 16, d)))
+        assert [(s.epoch, s.batch_index, s.sample_ids) for s in steps] == batches
+        assert [s.num_tokens for s in steps] == [17, 17] and [s.num_loss_tokens for s in steps] == [14, 14]
+        assert all(sum(m.num_tokens for m in s.micro_batches) < 17 for s in steps)  # the other rank has the rest
+
+    def failing():
+        yield 1
+        raise ValueError("bad line")
+
+    items = in_background(failing())
+    assert next(items) == 1
+    with pytest.raises(ValueError, match="bad line"):
+        next(items)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Validation and the cache
 

@@ -16,7 +16,13 @@ from conftest import run_train, write_tokenized_samples
 from test_families import FAMILIES, VOCAB_SIZE, family_samples, own_loss_sum, trainer_loss_sum
 
 from data import TokenizedData, pack_micro_batch
-from model import CausalLMWithSummedLoss, choose_attn_implementation, chunked_cross_entropy_sum, own_head_reason
+from model import (
+    CausalLMWithSummedLoss,
+    LinearCrossEntropySum,
+    choose_attn_implementation,
+    chunked_cross_entropy_sum,
+    own_head_reason,
+)
 from tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -91,6 +97,27 @@ def test_liger_fused_loss_equals_chunked_loss():
     torch.testing.assert_close(liger, reference, rtol=1e-4, atol=1e-3)
     for a, b in zip(liger_grads, chunked_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(("softcap", "chunk_mem_const"), [(None, 64), (None, 1), (30.0, 4)])
+def test_linear_cross_entropy_sum_equals_reference(softcap, chunk_mem_const):
+    """The loss train.py uses with Liger (no read-back to the host) against fp32 torch, in one or many chunks."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    hidden = torch.randn(3000, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(5000, 64, device=device) * 0.3).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 5000, (3000,), device=device)
+    loss = LinearCrossEntropySum.apply(hidden, weight, targets, softcap, chunk_mem_const)
+    grads = torch.autograd.grad(loss * 0.5, [hidden, weight])
+    logits = hidden.float() @ weight.float().T
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    reference = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    reference_grads = torch.autograd.grad(reference * 0.5, [hidden, weight])
+    torch.testing.assert_close(loss, reference, rtol=2e-3, atol=1e-2)
+    for a, b in zip(grads, reference_grads, strict=True):
+        assert a.dtype == torch.bfloat16
+        assert relative_error(a.float(), b.float()) < 2e-2
 
 
 def gradients(model, loss) -> torch.Tensor:

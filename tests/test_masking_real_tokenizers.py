@@ -12,7 +12,8 @@ import pytest
 from conftest import trained_runs
 
 import process_data
-from process_data import probe_template, tokenize_sample
+from masking import probe_template
+from process_data import tokenize_sample
 
 LOADABLE = ["qwen2.5-instruct", "qwen3", "mistral-7b-instruct-v0.3", "smollm2-instruct", "tinyllama-1.1b-chat-v1.0"]
 
@@ -55,6 +56,12 @@ SENTENCEPIECE = {"mistral-7b-instruct-v0.3", "tinyllama-1.1b-chat-v1.0", "gemma-
 INJECTED = ["You are Qwen", "SmolLM", "Cutting Knowledge", "Today Date"]
 
 SYSTEM = "SYSTEM-TEXT be brief"
+DEFAULT_SYSTEM_WARNINGS = {
+    "qwen2.5-instruct": ["the chat template adds its default system prompt "
+                         "'You are Qwen, created by Alibaba Cloud. You are a helpful...'"],
+    "smollm2-instruct": ["the chat template adds its default system prompt "
+                         "'You are a helpful AI assistant named SmolLM, trained by H...'"],
+}  # fmt: skip
 TOOL_CALL = {"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 
 
@@ -79,9 +86,11 @@ def family(request, real_tokenizers_dir):
 
 
 
-def check(name, tokenizer, messages) -> list[str]:
-    """Tokenizes; checks input_ids against apply_chat_template and that nothing but assistant turns is trained."""
-    input_ids, labels = tokenize_sample(tokenizer, probe_template(tokenizer), {"messages": messages})
+def check(name, tokenizer, messages, unmask: bool = False) -> tuple[list[str], list[str]]:
+    """Tokenizes; checks input_ids against apply_chat_template and that nothing but assistant turns (and with
+    `unmask` user and tool contents) is trained. Returns the trained runs and the warnings."""
+    record = {"messages": messages, "unmask": unmask}
+    input_ids, labels, warnings = tokenize_sample(tokenizer, probe_template(tokenizer), record)
     assert input_ids == tokenizer.apply_chat_template(messages, return_dict=False)
     assert (
         tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
@@ -89,17 +98,18 @@ def check(name, tokenizer, messages) -> list[str]:
     )
     runs = trained_runs(tokenizer, input_ids, labels)
     eot = probe_template(tokenizer).eot
-    assert len(runs) == sum(m["role"] == "assistant" for m in messages)
+    trained_roles = ("assistant", "user", "tool") if unmask else ("assistant",)
+    assert len(runs) == sum(m["role"] in trained_roles for m in messages)
     for run in runs:
-        assert run.endswith(eot)
+        assert run.endswith(eot) or unmask
         for message in messages:
-            if message["role"] != "assistant" and message["content"]:
+            if message["role"] not in trained_roles and message["content"]:
                 assert message["content"] not in run
         for text in INJECTED:
             assert text not in run
     if name in SENTENCEPIECE:  # "▁Hello" after "[/INST]" decodes with or without its space
         runs = [run.removeprefix(" ") for run in runs]
-    return runs
+    return runs, warnings
 
 
 def test_multi_turn_with_system(family):
@@ -113,8 +123,12 @@ def test_multi_turn_with_system(family):
     ]
     eot = probe_template(tokenizer).eot
     last = "<think>\n\n</think>\n\n" if name == "qwen3" else ""  # Qwen3 adds an empty think block to the last turn
-    runs = check(name, tokenizer, messages)
+    runs, warnings = check(name, tokenizer, messages)
     assert runs == ["The capital of France is Paris." + eot, last + "Madrid." + eot]
+    if name in ("mistral-7b-instruct-v0.3", "mistral-nemo"):  # the system prompt goes with the LAST user turn only
+        assert warnings == ["the chat template leaves out a system message"]
+    else:
+        assert warnings == ([] if messages[0]["role"] == "system" else DEFAULT_SYSTEM_WARNINGS.get(name, []))
 
 
 def test_reasoning_blocks(family):
@@ -126,7 +140,9 @@ def test_reasoning_blocks(family):
         {"role": "assistant", "content": "<think>\nsecond thought\n</think>\n\nA two."},
     ]
     eot = probe_template(tokenizer).eot
-    runs = check(name, tokenizer, messages)
+    runs, warnings = check(name, tokenizer, messages)
+    cut = "the chat template leaves out part of an assistant message (a <think> block?)"
+    assert (cut in warnings) == (name in ("qwen3", "deepseek-r1-distill"))
     if name == "qwen3":  # earlier think blocks are stripped; the last one is kept and trained
         assert runs == ["A one." + eot, "<think>\nsecond thought\n</think>\n\nA two." + eot]
     elif name == "deepseek-r1-distill":  # keeps only what follows </think>
@@ -146,7 +162,7 @@ def test_tool_call_and_result(family):
         {"role": "assistant", "content": "It is sunny."},
     ]
     eot = probe_template(tokenizer).eot
-    runs = check(name, tokenizer, messages)
+    runs, _ = check(name, tokenizer, messages)
     assert "get_weather" in runs[0] and "Paris" in runs[0] and "sunny" not in runs[0]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
     assert runs[0] in rendered  # the call exactly as the template renders it
@@ -154,11 +170,55 @@ def test_tool_call_and_result(family):
     assert runs[1] == last + "It is sunny." + eot
 
 
+def test_reasoning_fields(family):
+    """Qwen3 renders the last turn's reasoning_content (trained, inside the assistant body) and drops earlier
+    turns'; every other family here renders no reasoning field at all, DeepSeek-R1's included."""
+    name, tokenizer = family
+    messages = [
+        {"role": "user", "content": "Q one?"},
+        {"role": "assistant", "content": "A one.", "reasoning_content": "first thought"},
+        {"role": "user", "content": "Q two?"},
+        {"role": "assistant", "content": "A two.", "thinking": "second thought"},
+    ]
+    eot = probe_template(tokenizer).eot
+    runs, warnings = check(name, tokenizer, messages)
+    assert probe_template(tokenizer).renders_reasoning == (name == "qwen3")
+    if name == "qwen3":
+        assert runs == ["A one." + eot, "<think>\nsecond thought\n</think>\n\nA two." + eot]
+        assert warnings == ["the chat template leaves out the reasoning of an assistant turn (not the last one)"]
+    else:
+        assert runs == ["A one." + eot, "A two." + eot]
+        assert "the chat template does not render reasoning fields" in warnings
+
+
+def test_unmask(family):
+    """User contents are trained as rendered (tokens that overlap them), never the system prompt or headers."""
+    name, tokenizer = family
+    messages = [{"role": "system", "content": SYSTEM}] if name not in NO_SYSTEM_ROLE else []
+    messages += [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Spain?"},
+        {"role": "assistant", "content": "Madrid."},
+    ]
+    eot = probe_template(tokenizer).eot
+    last = "<think>\n\n</think>\n\n" if name == "qwen3" else ""
+    runs, _ = check(name, tokenizer, messages, unmask=True)
+    assert runs == ["What is the capital of France?", "Paris." + eot, "And of Spain?", last + "Madrid." + eot]
+
+
+def test_default_system_prompt_is_detected(family):
+    name, tokenizer = family
+    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    assert check(name, tokenizer, messages)[1] == DEFAULT_SYSTEM_WARNINGS.get(name, [])
+
+
 def test_pretrain(family):
     name, tokenizer = family
-    input_ids, labels = tokenize_sample(
+    input_ids, labels, warnings = tokenize_sample(
         tokenizer, probe_template(tokenizer), {"messages": [{"role": "pretrain", "content": "Plain text."}]}
     )
+    assert warnings == []
     expected = tokenizer("Plain text.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert input_ids == expected and labels == input_ids
 
@@ -191,3 +251,24 @@ def test_gemma2_system_role_gives_template_error_with_line(real_tokenizers_dir, 
     assert exit_info.value.code == 1
     assert f"{input_file}:2: chat template error: System role not supported" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_template_that_tests_texts_gets_every_chat_checked(real_tokenizers_dir):
+    """Qwen3 tells a tool response sent as a user message by how its text starts and ends; with markers it would
+    take it for a query and drop an earlier turn's reasoning. A chunk renders only its first chat twice, but such a
+    template gets every chat checked: the chat is refused, never kept with input_ids unlike apply_chat_template's."""
+    root = str(real_tokenizers_dir)
+    tokenizer = _load(root, "qwen3")
+    assert probe_template(tokenizer).tests_text and not probe_template(_load(root, "qwen2.5-instruct")).tests_text
+    normal = {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}
+    tool_response_as_user = {"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Checking.", "reasoning_content": "look it up"},
+        {"role": "user", "content": "<tool_response>\nsunny\n</tool_response>"},
+        {"role": "assistant", "content": "Sunny.", "reasoning_content": "it is sunny"},
+    ]}  # fmt: skip
+    process_data._worker.update(tokenizer=tokenizer, info=probe_template(tokenizer), max_tokens=None, path="in",
+                                unit="line")  # fmt: skip
+    results = process_data.process_chunk([(1, normal), (2, tool_response_as_user)])
+    assert results[0][0] == "kept"
+    assert results[1] == ("invalid", 2, "the chat template transforms message content; cannot mask reliably")
