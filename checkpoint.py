@@ -42,6 +42,9 @@ STATE_DIR = "state"
 MARKER = "COMPLETE"
 # Settings that decide which samples make up each step: changing them on resume breaks the data order.
 DATA_ORDER_PARAMS = ("batch_size", "seed", "data_fingerprint", "validation_split")
+# Settings of the optimizer and the schedule: a changed one applies from the next step (load_state).
+HYPERPARAMETERS = ("learning_rate", "weight_decay", "max_grad_norm", "lr_scheduler", "num_warmup_steps", "num_epochs",
+                   "total_steps")
 # Settings that are expected to change between a run and its resumption.
 RESUME_ONLY_PARAMS = ("output_dir", "data_path", "max_steps", "resume", "resume_from", "force_resume", "overwrite",
                       "save_state_every_samples", "keep_last_states", "min_samples_per_checkpoint", "max_bad_steps",
@@ -198,18 +201,28 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
 
 
 def load_state(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler) -> Progress:
+               scheduler: torch.optim.lr_scheduler.LambdaLR) -> Progress:
     """Loads a state saved with any number of ranks: DCP reshards model and optimizer to this run's mesh.
 
+    Adam's moments and the schedule's position come from the state; the peak learning rate and the weight decay are
+    this run's (as the optimizer was built with them), so that a resumed run changes them from its next step.
     RNG states are per rank: each rank takes its own, and ranks the saved run did not have take rank 0's.
     """
     path = Path(path)
+    hyperparameters = [{"initial_lr": group["initial_lr"], "weight_decay": group["weight_decay"]}
+                       for group in optimizer.param_groups]
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     trainer_state = read_trainer_state(path)
-    scheduler.load_state_dict(trainer_state["scheduler"])
+    saved_schedule = trainer_state["scheduler"]
+    base_lrs = [h["initial_lr"] for h in hyperparameters]
+    lrs = [base_lr * lr_lambda(saved_schedule["last_epoch"])
+           for base_lr, lr_lambda in zip(base_lrs, scheduler.lr_lambdas, strict=True)]
+    scheduler.load_state_dict({**saved_schedule, "base_lrs": base_lrs, "_last_lr": lrs})
+    for group, group_hyperparameters, lr in zip(optimizer.param_groups, hyperparameters, lrs, strict=True):
+        group.update(group_hyperparameters, lr=lr)
     rng_file = path / f"rng_rank_{dist.get_rank()}.pt"
     set_rng_states(torch.load(rng_file if rng_file.exists() else path / "rng_rank_0.pt", weights_only=False))
     return Progress(**trainer_state["progress"])
@@ -288,7 +301,8 @@ def check_resume_params(saved: dict, run_params: dict, force_resume: bool, path:
         fail_distributed(f"cannot resume from {path}: the data order would change ({'; '.join(breaking)}). "
                          "Resume with the saved settings, or pass --force-resume to continue anyway")
     for change in breaking + other:
-        print0(f"resuming with a changed setting: {change}")
+        applies = " (applies from the next step)" if change.split(":")[0] in HYPERPARAMETERS else ""
+        print0(f"resuming with a changed setting: {change}{applies}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

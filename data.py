@@ -6,6 +6,8 @@ import errno
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ import torch
 
 from distributed import Dist, fail_distributed, first_error
 from sampler import distribute_batch
-from utils import InputError, atomic_directory, iter_jsonl_lines, parse_json_line, print0
+from utils import InputError, iter_jsonl_lines, parse_json_line, print0
 
 
 @dataclass
@@ -36,6 +38,19 @@ class TokenizedData:
         return len(self.offsets) - 1
 
 
+JSON_KINDS = {bool: "a boolean", float: "a number with a fraction or an exponent", str: "a string",
+              type(None): "null", list: "an array", dict: "an object"}
+
+
+def not_integers(name: str, values: list) -> str | None:
+    """What is not a JSON integer in `values`, first one named, or None. Booleans and numbers such as 2.0 or 1e3 are
+    refused: numpy would turn them into token ids without a word."""
+    if set(map(type, values)) <= {int}:  # one pass in C: the common case costs little
+        return None
+    index, value = next((i, v) for i, v in enumerate(values) if type(v) is not int)
+    return f"{name}[{index}] is {json.dumps(value)}, {JSON_KINDS[type(value)]}"
+
+
 def read_tokenized_jsonl(path: str, max_tokens_per_gpu: int, vocab_size: int) -> tuple[dict, dict]:
     """Validates every line and returns the flat arrays plus counts of dropped samples by reason."""
     ids_chunks, label_chunks, lengths, loss_counts = [], [], [], []
@@ -50,17 +65,26 @@ def read_tokenized_jsonl(path: str, max_tokens_per_gpu: int, vocab_size: int) ->
             raise InputError(path, line_number, "'input_ids' and 'labels' must be lists of the same length")
         if not input_ids:
             raise InputError(path, line_number, "empty 'input_ids'")
+        for name, values in (("input_ids", input_ids), ("labels", labels)):
+            problem = not_integers(name, values)
+            if problem:
+                raise InputError(path, line_number, f"'input_ids' and 'labels' must hold integers: {problem}")
         try:
             ids_array = np.asarray(input_ids, dtype=np.int64)
             labels_array = np.asarray(labels, dtype=np.int64)
-        except (TypeError, ValueError):
-            raise InputError(path, line_number, "'input_ids' and 'labels' must hold integers") from None
-        if ids_array.min() < 0 or ids_array.max() >= vocab_size:
-            raise InputError(path, line_number, f"token id out of the model's vocabulary (size {vocab_size})")
-        bad_labels = (labels_array != -100) & ((labels_array < 0) | (labels_array >= vocab_size))
-        if bad_labels.any():
-            raise InputError(path, line_number, f"label out of the model's vocabulary (size {vocab_size}) "
-                             "and not -100")
+        except OverflowError:
+            raise InputError(path, line_number, "token id or label out of the model's vocabulary: beyond 64 bits "
+                             "(tokenized with another tokenizer?)") from None
+        bad_ids = np.flatnonzero((ids_array < 0) | (ids_array >= vocab_size))
+        if bad_ids.size:
+            raise InputError(path, line_number, f"token id out of the model's vocabulary: input_ids[{bad_ids[0]}] = "
+                             f"{ids_array[bad_ids[0]]}, vocabulary size {vocab_size} (tokenized with another "
+                             "tokenizer?)")
+        bad_labels = np.flatnonzero((labels_array != -100) & ((labels_array < 0) | (labels_array >= vocab_size)))
+        if bad_labels.size:
+            raise InputError(path, line_number, f"label out of the model's vocabulary and not -100: labels["
+                             f"{bad_labels[0]}] = {labels_array[bad_labels[0]]}, vocabulary size {vocab_size} "
+                             "(tokenized with another tokenizer?)")
         if len(ids_array) > max_tokens_per_gpu:
             dropped["longer than --max-tokens-per-gpu"] += 1
             continue
@@ -82,14 +106,29 @@ def read_tokenized_jsonl(path: str, max_tokens_per_gpu: int, vocab_size: int) ->
 
 
 def save_cache(cache_dir: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Writes the arrays and meta.json into `cache_dir`, all or nothing; a failure (a full disk) names the cache."""
+    """Writes the cache into a temporary folder beside `cache_dir` and renames it into place, meta.json last inside;
+    a failure (a full disk) names the cache and leaves nothing behind.
+
+    On a shared filesystem the first process of every node may write the same cache at once: the first rename wins,
+    and a later one finds a complete folder in its way (the rename fails: the target is not empty), drops its own
+    copy and uses that one, which holds the same arrays (same key). A cache in place is never replaced, so no rank
+    ever reads a folder that is being swapped."""
     try:
-        with atomic_directory(cache_dir) as tmp:
+        cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", suffix=".tmp", dir=cache_dir.parent))
+        try:
             for name, array in arrays.items():
                 np.save(tmp / f"{name}.npy", array)
                 if (tmp / f"{name}.npy").stat().st_size < array.nbytes:  # np.save can hide a failed last write
                     raise OSError(errno.ENOSPC, f"{name}.npy was cut short")
             (tmp / "meta.json").write_text(json.dumps(meta))
+            try:
+                os.rename(tmp, cache_dir)
+            except OSError:
+                if not (cache_dir / "meta.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
         raise OSError(f"could not write the data cache {cache_dir}: {e}") from None
 

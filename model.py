@@ -2,7 +2,7 @@
 returns the summed loss, then Liger, activation checkpointing and FSDP2 applied in that order; gradient clipping
 on the shards and the FLOPs count behind MFU."""
 
-import importlib.util
+import inspect
 import os
 from typing import TYPE_CHECKING
 
@@ -12,11 +12,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from distributed import Dist
+from attention import packed_attention_forward
+from distributed import Dist, broadcast_from_rank0, fail_distributed
 
 if TYPE_CHECKING:
     from data import MicroBatch
@@ -25,53 +26,24 @@ if TYPE_CHECKING:
 # Attention: packed samples never see each other.
 
 
-class _FlashVarlenCausal(torch.autograd.Function):
-    """Causal flash attention over packed samples, straight on aten's flash kernels: they take fewer K/V heads
-    than query heads (GQA) natively, so K and V are never repeated per query head (torch <= 2.11's varlen_attn
-    demands equal head counts)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        out, lse, philox_seed, philox_offset, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, philox_seed, philox_offset)
-        ctx.max_seqlen, ctx.scale = max_seqlen, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_seqlens, philox_seed, philox_offset = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen, 0.0,
-            True, philox_seed, philox_offset, scale=ctx.scale)
-        return dq, dk, dv, None, None, None
-
-
-def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function on flash attention's variable-length kernel, fed with the micro-batch's
-    cumulative sequence lengths (passed as forward kwargs cu_seq_lens_q / max_length_q)."""
-    # (1, heads, T, dim) -> (T, heads, dim)
-    q, k, v = (x.squeeze(0).transpose(0, 1) for x in (query, key, value))
-    out = _FlashVarlenCausal.apply(q, k, v, kwargs["cu_seq_lens_q"], kwargs["max_length_q"], scaling)
-    return out.unsqueeze(0), None
-
-
-def choose_attn_implementation(requested: str | None, device: torch.device) -> str:
-    """Best available kernel that isolates packed samples; registers varlen_attention_forward as "varlen"."""
+def choose_attn_implementation(requested: str | None) -> str:
+    """attention.packed_attention_forward, registered as "packed", unless another kernel is asked for. On CUDA it
+    runs the flash varlen kernels (flex_attention for softcaps); on CPU, what transformers' eager attention computes.
+    (transformers' own sdpa has no softcap, Gemma 2 and gpt-oss refuse it, and gpt-oss builds its eager mask
+    without the packing.)"""
     from transformers import AttentionInterface
 
-    AttentionInterface.register("varlen", varlen_attention_forward)
-    if requested:
-        return requested
-    if device.type != "cuda":
-        return "sdpa"  # packed samples are isolated from position_ids when there is no attention_mask
-    if importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "varlen" if hasattr(torch.ops.aten, "_flash_attention_forward") else "sdpa"
+    AttentionInterface.register("packed", packed_attention_forward)
+    return requested or "packed"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Loss: summed cross-entropy over the positions that have a label, never materializing the full fp32 logits.
+# Loss: summed cross-entropy over the positions that have a label, on the model's own logits, never materializing
+# the full fp32 logits.
+
+
+def softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
 def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -79,12 +51,10 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, target
     """Sum of CE over rows of `hidden`, one chunk of logits at a time; each chunk is recomputed in backward."""
 
     def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = (h @ weight.T).float()
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        return F.cross_entropy(logits, t, reduction="sum")
+        return F.cross_entropy(softcapped((h @ weight.T).float(), softcap), t, reduction="sum")
 
-    total = hidden.sum() * 0.0  # keeps the graph whole when there is no loss token
+    # Zero, but it keeps the LM head in the graph with no loss token: every rank must reduce its gradient (FSDP).
+    total = (hidden[:0] @ weight.T).sum()
     for start in range(0, hidden.shape[0], chunk_size):
         end = start + chunk_size
         total = total + checkpoint(chunk_loss, hidden[start:end], targets[start:end], use_reentrant=False)
@@ -140,35 +110,150 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def logits_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Sum of CE over rows of the model's own logits, upcast to fp32 one chunk at a time (recomputed in backward)."""
+
+    def chunk_loss(chunk: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(chunk.float(), t, reduction="sum")
+
+    total = logits[:0].sum()  # zero, but it keeps the head in the graph with no loss token
+    for start in range(0, logits.shape[0], chunk_size):
+        end = start + chunk_size
+        total = total + checkpoint(chunk_loss, logits[start:end], targets[start:end], use_reentrant=False)
+    return total
+
+
+def forward_with_hidden(model: torch.nn.Module, **kwargs):
+    """The model's own forward, plus the decoder's last hidden state (caught with a forward hook)."""
+    decoder = getattr(model, model.base_model_prefix)
+    captured = {}
+    hook = decoder.register_forward_hook(lambda module, args, output: captured.update(hidden=output.last_hidden_state))
+    try:
+        output = model(**kwargs)
+    finally:
+        hook.remove()
+    return output, captured["hidden"]
+
+
+def own_head_reason(model: torch.nn.Module) -> str | None:
+    """Why the loss must take its logits from the model's own forward, or None when hidden @ lm_head.weight.T,
+    soft-capped by final_logit_softcapping as the fast losses do, gives the model's logits exactly.
+
+    Compared on a few tokens in fp32, so that any other head math (Cohere's logit_scale, Granite's logits_scaling,
+    whatever a future family does) is found without a list of them. A bias is looked for, not probed: a zero bias
+    would pass the probe, and the fast losses would never train it."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"its output layer is a {type(head).__name__}, not a plain Linear"
+    if head.bias is not None:
+        return "its lm_head has a bias"
+    input_ids = torch.arange(1, 6)[None] % model.config.vocab_size
+    with torch.no_grad():
+        output, hidden = forward_with_hidden(model, input_ids=input_ids, use_cache=False,
+                                             logits_to_keep=torch.arange(input_ids.shape[1]))
+        fast = softcapped(hidden[0] @ head.weight.T, getattr(model.config, "final_logit_softcapping", None))
+    own = output.logits[0]
+    difference = ((fast - own).norm() / own.norm()).item()
+    if difference > 1e-5:
+        return (f"its logits are not hidden @ lm_head.weight.T (relative difference {difference:.2g}): its head does "
+                "more, such as scaling them")
+    return None
+
+
+def router_aux_loss_coef(model: torch.nn.Module) -> float | None:
+    """The weight of the router's auxiliary loss of an MoE model whose forward can return it, else None."""
+    if "output_router_logits" not in inspect.signature(model.forward).parameters:
+        return None
+    return model.config.router_aux_loss_coef
+
+
 class CausalLMWithSummedLoss(torch.nn.Module):
-    """Wraps a Hugging Face causal LM so that its forward returns the summed CE of a packed micro-batch.
+    """Wraps a Hugging Face causal LM so that its forward returns the summed loss of a packed micro-batch: the CE of
+    every loss token, plus for MoE models the router's auxiliary loss the way the model's own forward adds it.
+
+    The CE is taken on the model's own logits. Either its own forward computes them at the loss positions only
+    (`own_head_reason` says why: a bias, a logit scale...), or they are hidden @ lm_head.weight.T with the model's
+    final softcap, which own_head_reason found identical, computed in chunks or by Liger's fused kernel so that the
+    logits of a whole micro-batch are never held at once.
 
     Being the FSDP root, it gathers the embeddings and LM head (tied or not) for the loss as well.
     """
 
-    def __init__(self, model: torch.nn.Module, use_liger: bool, loss_impl: str | None = None):
+    def __init__(self, model: torch.nn.Module, use_liger: bool, own_head_reason: str | None = None,
+                 max_tokens_per_gpu: int | None = None, loss_impl: str | None = None):
         super().__init__()
         self.model = model
+        self.max_tokens_per_gpu = max_tokens_per_gpu  # flex_attention pads every row to it (one compiled shape)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.loss_impl = loss_impl or ("liger" if use_liger else "chunked")  # or chunked_cross_entropy_sum
+        self.own_head_reason = own_head_reason
+        fast_loss = "liger" if use_liger else "chunked"  # or chunked_cross_entropy_sum
+        self.loss_impl = loss_impl or ("own_head" if own_head_reason else fast_loss)
+        self.router_aux_loss_coef = router_aux_loss_coef(model)
         # Liger cuts the rows into chunks of at most chunk_mem_const * hidden / vocab of them: its default, 1, gives
         # 128-row chunks here (Qwen's 152k vocab), each adding a full-size weight-gradient matmul; 64 gives one or
         # two chunks per micro-batch (transient logits <= 64 * rows * hidden), 11% faster (BENCHMARKS.md).
         self.liger_chunk_mem_const = 64
 
+    def describe_loss(self) -> str:
+        if self.loss_impl == "own_head":
+            what = f"CE on the logits of the model's own forward at the loss positions ({self.own_head_reason})"
+        else:
+            what = f"{self.loss_impl} CE on hidden @ lm_head.weight.T (checked equal to the model's own logits)"
+        if self.router_aux_loss_coef is not None:
+            what += f", plus the router's auxiliary loss x {self.router_aux_loss_coef}"
+        return what
+
+    def refuse_unsupported(self, batch: "MicroBatch") -> None:
+        """Stops the run at start, with the reason, if the trainer cannot train this model exactly: what the loss
+        needs from its forward, then a forward of `batch` without gradients, in which an attention feature the kernels
+        lack raises with its name (attention.packed_attention_forward)."""
+        model, problem = self.model, None
+        if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+            problem = "its forward has no logits_to_keep, through which the loss takes its logits"
+        elif hasattr(model.config, "router_aux_loss_coef") and self.router_aux_loss_coef is None:
+            problem = ("its config weighs a router auxiliary loss (router_aux_loss_coef) that its forward cannot "
+                       "return (no output_router_logits)")
+        else:
+            try:
+                with torch.no_grad():
+                    self(batch)
+            except NotImplementedError as e:
+                problem = str(e)
+            finally:  # the root and the last layer stay gathered after a forward: the optimizer must see the shards
+                for module in self.modules():
+                    if isinstance(module, FSDPModule):
+                        module.reshard()
+        if problem:
+            fail_distributed(f"cannot train {type(model).__name__} exactly: {problem}")
+
     def forward(self, batch: "MicroBatch") -> torch.Tensor:
-        decoder = getattr(self.model, self.model.base_model_prefix)
-        hidden = decoder(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+        own_head = self.loss_impl == "own_head"
+        extra = {}
+        if self.model.config._attn_implementation == "packed":
+            extra.update(packed_masks={}, packed_length=self.max_tokens_per_gpu)
+        with_aux_loss = self.router_aux_loss_coef is not None and self.training  # validation: the CE alone
+        if with_aux_loss:
+            extra["output_router_logits"] = True
+        # The model's own head runs at the loss positions, or at none when the loss applies lm_head itself.
+        output, hidden = forward_with_hidden(
+            self.model, input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+            logits_to_keep=batch.loss_positions if own_head else batch.loss_positions[:0],
             cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
-            max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen,
-        ).last_hidden_state
+            max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen, **extra,
+        )
+        aux_loss = 0.0
+        if with_aux_loss:
+            # The model's forward returns mean CE + coef * aux_loss; in a sum over the micro-batch's loss tokens,
+            # the auxiliary loss counts once per loss token.
+            aux_loss = self.router_aux_loss_coef * output.aux_loss * batch.loss_positions.numel()
+        if own_head:
+            return aux_loss + logits_cross_entropy_sum(output.logits[0], batch.loss_targets)
         hidden = hidden.view(-1, hidden.shape[-1]).index_select(0, batch.loss_positions)
         weight = self.model.get_output_embeddings().weight
         if self.loss_impl == "liger" and batch.loss_positions.numel() > 0:
-            return LinearCrossEntropySum.apply(hidden, weight, batch.loss_targets, self.softcap,
-                                               self.liger_chunk_mem_const)
-        return chunked_cross_entropy_sum(hidden, weight, batch.loss_targets, self.softcap)
+            return aux_loss + LinearCrossEntropySum.apply(hidden, weight, batch.loss_targets, self.softcap,
+                                                          self.liger_chunk_mem_const)
+        return aux_loss + chunked_cross_entropy_sum(hidden, weight, batch.loss_targets, self.softcap)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -206,26 +291,30 @@ def model_path_problem(path: str) -> str | None:
 
 def load_model(model_name_or_path: str, attn_implementation: str, d: Dist):
     """Rank 0 reads the weights; every other rank builds an empty (meta) model and receives its shards
-    after sharding, so a large model is never held N times in host memory."""
+    after sharding, so a large model is never held N times in host memory. Rank 0 also checks the head on its
+    fp32 copy (own_head_reason, a forward of five tokens on the CPU) and tells the others."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_config = AutoConfig.from_pretrained(model_name_or_path)
     model_config._attn_implementation = attn_implementation
     original_dtype = model_config.dtype or torch.float32  # checkpoints are saved back in it
+    head_reason = None
     if d.rank == 0:
-        source = AutoModelForCausalLM.from_pretrained(
-            model_name_or_path, config=model_config, dtype=torch.float32,
-        )
+        # eager: the probe runs on the CPU, where every family has it
+        source = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32,
+                                                      attn_implementation="eager")
         full_state_dict = source.state_dict()
         buffers = dict(source.named_buffers())
+        head_reason = own_head_reason(source)
     else:
         full_state_dict, buffers = {}, {}
+    head_reason = broadcast_from_rank0(head_reason)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     model.config.dtype = original_dtype  # the training copy is fp32; config.dtype only says how to save
     if d.rank == 0:  # rank 0 saves checkpoints: keep the model's own sampling defaults and stop tokens
         model.generation_config = source.generation_config
-    return model, full_state_dict, buffers
+    return model, full_state_dict, buffers, head_reason
 
 
 def apply_liger(model: torch.nn.Module) -> None:
@@ -311,6 +400,11 @@ def apply_fsdp(wrapper: CausalLMWithSummedLoss, strategy: str, compute_dtype: to
                     reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
     # The root (embeddings, LM head) is used at the end of forward and the start of backward: keep it too.
     fully_shard(wrapper, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    # A parameter without a gradient on one rank (an expert no token of its micro-batch chose) would drop out of that
+    # rank's reduce-scatter alone: collectives of different sizes abort on gloo and hang on NCCL. The loss keeps the
+    # LM head in every graph; torch >= 2.13 also reduces zeros for whatever else went unused.
+    if hasattr(wrapper, "set_reduce_scatter_unused_params"):
+        wrapper.set_reduce_scatter_unused_params(True)
 
 
 def materialize_weights(wrapper: CausalLMWithSummedLoss, full_state_dict: dict, buffers: dict, d: Dist) -> None:

@@ -70,19 +70,44 @@ def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     )
 
 
+# Each family with what sets it apart switched on and small enough to matter in samples of 5 to 12 tokens: sliding
+# windows of 4 tokens, attention and final-logit softcaps, sinks, logit scales, biased heads, routed experts.
+WINDOW = dict(sliding_window=4)
+MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.02)
 TINY_CONFIGS = {
     "qwen2": dict(model_type="qwen2"),
+    "qwen2_sliding": dict(model_type="qwen2", use_sliding_window=True, max_window_layers=1, **WINDOW),
     "qwen3": dict(model_type="qwen3", head_dim=16),
+    "qwen3_sliding": dict(model_type="qwen3", head_dim=16, use_sliding_window=True, max_window_layers=1, **WINDOW),
+    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=16, num_experts=4, moe_intermediate_size=32, **MOE),
     "llama": dict(model_type="llama"),
     "mistral": dict(model_type="mistral"),
+    "mistral_sliding": dict(model_type="mistral", **WINDOW),
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, **WINDOW, **MOE),
     "gemma": dict(model_type="gemma", head_dim=16),
+    # Weights 5x the usual init, else attention scores are far too small for the softcap to change anything.
+    "gemma2": dict(model_type="gemma2", head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=1.0,
+                   final_logit_softcapping=2.0, initializer_range=0.1, **WINDOW),
+    "gemma3_text": dict(model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=2.0,
+                        layer_types=["sliding_attention", "full_attention"], **WINDOW),
+    "phi": dict(model_type="phi"),
+    "phi3": dict(model_type="phi3", pad_token_id=0),
+    "cohere": dict(model_type="cohere", logit_scale=0.25),
+    "granite": dict(model_type="granite", logits_scaling=4.0, attention_multiplier=0.2, embedding_multiplier=2.0,
+                    residual_multiplier=0.5),
+    "olmo2": dict(model_type="olmo2"),
+    "smollm3": dict(model_type="smollm3", pad_token_id=0),
+    "gpt_oss": dict(model_type="gpt_oss", head_dim=16, num_local_experts=4,
+                    layer_types=["sliding_attention", "full_attention"], **WINDOW, **MOE),
 }
 
 
-def build_tiny_model(vocab_size: int, arch: str = "qwen2", seed: int = 0, tie_word_embeddings: bool = True):
-    """A 2-layer random model of the given architecture, small enough to train on a CPU in seconds."""
+def build_tiny_model(vocab_size: int, arch: str = "qwen2", seed: int = 0, tie_word_embeddings: bool | None = True):
+    """A 2-layer random model of the given architecture, small enough to train on a CPU in seconds.
+    `tie_word_embeddings=None` keeps the family's own default."""
     import torch
 
+    tie = {} if tie_word_embeddings is None else {"tie_word_embeddings": tie_word_embeddings}
     config = AutoConfig.for_model(
         **TINY_CONFIGS[arch],
         vocab_size=vocab_size,
@@ -92,13 +117,17 @@ def build_tiny_model(vocab_size: int, arch: str = "qwen2", seed: int = 0, tie_wo
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        tie_word_embeddings=tie_word_embeddings,
+        **tie,
     )
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:  # initialized to zeros, which would hide a loss that forgets it
+        torch.nn.init.normal_(head.bias, std=1.0)
+    return model
 
 
-def save_tiny_model(output_dir: str | Path, arch: str = "qwen2", tie_word_embeddings: bool = True) -> Path:
+def save_tiny_model(output_dir: str | Path, arch: str = "qwen2", tie_word_embeddings: bool | None = True) -> Path:
     """Writes tokenizer and model into `output_dir`, loadable with from_pretrained."""
     output_dir = Path(output_dir)
     tokenizer = build_tiny_tokenizer()

@@ -37,7 +37,7 @@ from checkpoint import (
     save_due,
     save_run_params,
 )
-from data import PackedStep, in_background, load_data, pack_steps
+from data import PackedStep, in_background, load_data, pack_micro_batch, pack_steps
 from distributed import (
     Dist,
     cleanup_distributed,
@@ -145,8 +145,7 @@ class TrainConfig:
     )
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention kernel (default: flash_attention_2 if installed, else flash varlen through "
-                  "torch's own kernels on CUDA, else sdpa)."},
+        metadata={"help": "Attention kernel (default: packed, mini_trainer's own; see README's Model families)."},
     )
 
 
@@ -347,8 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     # Model
     compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[config.dtype or
                                                                     ("bf16" if d.device.type == "cuda" else "fp32")]
-    attn_implementation = choose_attn_implementation(config.attn_implementation, d.device)
-    model, full_state_dict, buffers = load_model(config.model_name_or_path, attn_implementation, d)
+    attn_implementation = choose_attn_implementation(config.attn_implementation)
+    model, full_state_dict, buffers, own_head_reason = load_model(config.model_name_or_path, attn_implementation, d)
     if config.use_liger_kernels:
         apply_liger(model)
     num_params = sum(p.numel() for p in model.parameters())
@@ -358,14 +357,15 @@ def main(argv: list[str] | None = None) -> None:
     print0(f"activation checkpointing {'on' if use_checkpointing else 'off'} ({why})")
     if use_checkpointing:
         apply_activation_checkpointing(model)
-    wrapper = CausalLMWithSummedLoss(model, config.use_liger_kernels)
+    wrapper = CausalLMWithSummedLoss(model, config.use_liger_kernels, own_head_reason, config.max_tokens_per_gpu)
     apply_fsdp(wrapper, config.fsdp_sharding_strategy, compute_dtype, d)
     materialize_weights(wrapper, full_state_dict, buffers, d)
     del full_state_dict, buffers
+    wrapper.refuse_unsupported(pack_micro_batch(data, [0], d.device))  # a no-grad forward of one sample
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path) if d.rank == 0 else None
     print0(f"model {config.model_name_or_path}: {num_params / 1e6:.1f}M parameters, "
            f"attention {attn_implementation}, compute {compute_dtype}, {d.world_size} ranks, "
-           f"{config.fsdp_sharding_strategy}")
+           f"{config.fsdp_sharding_strategy}; loss: {wrapper.describe_loss()}")
 
     # Optimizer
     optimizer = build_optimizer(wrapper, config, d.device)

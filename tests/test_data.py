@@ -1,9 +1,16 @@
-"""data.py: packing keeps samples apart (positions restart, labels never shift across a boundary)."""
+"""data.py: packing keeps samples apart (positions restart, labels never shift across a boundary); validation names
+the line and the value; concurrent writers of one cache all succeed."""
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 import torch
 
-from data import TokenizedData, pack_micro_batch
+from data import TokenizedData, pack_micro_batch, read_tokenized_jsonl, save_cache
+from utils import InputError
 
 
 def make_samples(lengths, vocab_size=300, seed=0):
@@ -35,8 +42,6 @@ def test_empty_micro_batch_has_no_loss_token():
 
 
 def test_packed_steps_cover_the_batch_and_background_keeps_order():
-    import pytest
-
     from data import in_background, pack_steps
     from distributed import Dist
 
@@ -59,3 +64,57 @@ def test_packed_steps_cover_the_batch_and_background_keeps_order():
     assert next(items) == 1
     with pytest.raises(ValueError, match="bad line"):
         next(items)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation and the cache
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"input_ids": [1.7, 2, 3], "labels": [1, 2, 3]}', "input_ids[0] is 1.7, a number with a fraction or an exponent"),
+    ('{"input_ids": [1, 2, 3], "labels": [-100, "3", 3]}', 'labels[1] is "3", a string'),
+    ('{"input_ids": [1, true, 3], "labels": [1, 2, 3]}', "input_ids[1] is true, a boolean"),
+    ('{"input_ids": [1, 2, 3.0], "labels": [1, 2, 3]}', "input_ids[2] is 3.0, a number with a fraction or an exponent"),
+    ('{"input_ids": [1, 2, 3], "labels": [1, 2, null]}', "labels[2] is null, null"),
+])
+def test_what_is_not_an_integer_stops_the_run_at_its_line(tmp_path, line, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"input_ids": [1, 2], "labels": [1, 2]}\n' + line + "\n")
+    expected = f"{path}:2: 'input_ids' and 'labels' must hold integers: {message}"
+    with pytest.raises(InputError, match=re.escape(expected)):
+        read_tokenized_jsonl(str(path), max_tokens_per_gpu=64, vocab_size=320)
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"input_ids": [1, 2, 151643], "labels": [1, 2, 3]}',
+     "token id out of the model's vocabulary: input_ids[2] = 151643, vocabulary size 320 (tokenized with another "
+     "tokenizer?)"),
+    ('{"input_ids": [1, 2, 3], "labels": [-100, 400, 3]}',
+     "label out of the model's vocabulary and not -100: labels[1] = 400, vocabulary size 320 (tokenized with another "
+     "tokenizer?)"),
+    ('{"input_ids": [1, 2, 3], "labels": [-100, 99999999999999999999, 3]}', "beyond 64 bits"),
+])
+def test_a_vocabulary_mismatch_names_the_id_the_size_and_the_likely_cause(tmp_path, line, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(InputError, match=re.escape(f"{path}:1: ") + ".*" + re.escape(message)):
+        read_tokenized_jsonl(str(path), max_tokens_per_gpu=64, vocab_size=320)
+
+
+def test_a_cache_in_place_is_kept_when_another_node_writes_the_same_one(tmp_path):
+    """The second writer of a cache (another node on a shared filesystem) finds it in place and uses it."""
+    cache_dir = tmp_path / ".data_cache" / "key"
+    arrays = {"input_ids": np.arange(5)}
+    save_cache(cache_dir, arrays, {"writer": 1})
+    save_cache(cache_dir, arrays, {"writer": 2})
+    assert json.loads((cache_dir / "meta.json").read_text()) == {"writer": 1}
+    assert sorted(p.name for p in cache_dir.parent.iterdir()) == ["key"]  # no temporary folder left
+
+
+def test_many_writers_of_one_cache_at_once_all_succeed(tmp_path):
+    cache_dir = tmp_path / ".data_cache" / "key"
+    arrays = {"input_ids": np.arange(100_000), "labels": np.arange(100_000)}
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda writer: save_cache(cache_dir, arrays, {"writer": writer}), range(16)))
+    assert np.array_equal(np.load(cache_dir / "labels.npy"), arrays["labels"])
+    assert sorted(p.name for p in cache_dir.parent.iterdir()) == ["key"]

@@ -180,6 +180,35 @@ def test_changed_data_order_refuses_unless_forced(tmp_path, tiny_model_dir, data
     assert sorted(losses_by_step(output_dir)) == [1, 2, 3]
 
 
+def test_resume_with_new_hyperparameters_applies_them_from_the_next_step(tmp_path, tiny_model_dir, data_path,
+                                                                         two_step_run):
+    """Step 3 from the same state, with the saved settings and with a new peak LR and weight decay: AdamW's step
+    is w * (1 - lr * wd) - lr * direction, and the direction (gradient, moments) is the same in both, so the new
+    run's weights follow from the old run's. A new --max-grad-norm changes the step too."""
+    runs = {}
+    for name, extra in {"same": [], "new_lr_wd": ["--learning-rate", "6e-3", "--weight-decay", "0.1"],
+                        "new_clip": ["--max-grad-norm", "1e-4"]}.items():
+        output_dir = tmp_path / name
+        shutil.copytree(two_step_run, output_dir)
+        result = run_train(args(data_path, tiny_model_dir, output_dir, "--resume", "--max-steps", "3", *extra))
+        metrics = {m["step"]: m for m in map(json.loads, open(output_dir / "training_metrics.jsonl"))}
+        runs[name] = result.stdout, metrics[3], load_file(output_dir / "hf_format" / "samples_9" / "model.safetensors")
+    before = load_file(two_step_run / "hf_format" / "samples_6" / "model.safetensors")
+    (_, same, same_weights), (stdout, new, new_weights) = runs["same"], runs["new_lr_wd"]
+    assert "learning_rate: 0.003 -> 0.006 (applies from the next step)" in stdout
+    assert "weight_decay: 0.0 -> 0.1 (applies from the next step)" in stdout
+    assert new["lr"] == pytest.approx(2 * same["lr"]) and same["lr"] > 0
+    assert new["loss"] == same["loss"]  # step 3's forward runs on the step-2 weights of the state
+    for name, w in before.items():
+        expected = w * (1 - new["lr"] * 0.1) + (new["lr"] / same["lr"]) * (same_weights[name] - w)
+        assert (new_weights[name] - expected).norm() <= 1e-4 * (new_weights[name] - w).norm() + 1e-9, name
+    clip_stdout, clipped, clipped_weights = runs["new_clip"]
+    assert "max_grad_norm: 1.0 -> 0.0001 (applies from the next step)" in clip_stdout
+    assert clipped["grad_norm"] == pytest.approx(same["grad_norm"], rel=1e-6)  # the norm is logged before clipping
+    assert any((clipped_weights[name] - same_weights[name]).norm() > 1e-2 * (same_weights[name] - w).norm()
+               for name, w in before.items())
+
+
 def test_existing_output_is_resumed_or_overwritten_never_silently(tmp_path, tiny_model_dir, data_path, two_step_run):
     output_dir = tmp_path / "run"
     shutil.copytree(two_step_run, output_dir)

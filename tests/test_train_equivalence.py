@@ -10,7 +10,7 @@ from conftest import run_train, write_tokenized_samples
 from transformers import AutoModelForCausalLM
 
 from data import TokenizedData, pack_micro_batch
-from tiny_model import build_tiny_model
+from tiny_model import build_tiny_model, save_tiny_model
 
 LEARNING_RATE = 1e-3
 
@@ -178,3 +178,27 @@ def test_two_simulated_nodes_hybrid_shard_matches_full_shard(tmp_path, tiny_mode
     hybrid_model = AutoModelForCausalLM.from_pretrained(output_dir / "hf_format" / "samples_16", dtype=torch.float32)
     model_before = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert_same_weights(hybrid_model, full_model, model_before)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3_moe"])
+def test_empty_micro_batch_with_an_untied_head_on_two_ranks(tmp_path, equivalence_data, arch):
+    """--batch-size 1 on 2 ranks: each step, one rank packs no sample. Its untied LM head (and in an MoE, its experts)
+    sees no loss token, yet its gradient must take part in the reduce-scatter like on the other rank, which would
+    otherwise abort (gloo) or hang (NCCL). The losses are those of 1 rank."""
+    model_dir = save_tiny_model(tmp_path / "model", arch=arch, tie_word_embeddings=False)
+    runs = {}
+    for nproc in (1, 2):
+        output_dir = tmp_path / f"ws{nproc}"
+        run_train(["--data-path", str(equivalence_data), "--model-name-or-path", str(model_dir), "--output-dir",
+                   str(output_dir), "--batch-size", "1", "--max-steps", "3", "--num-warmup-steps", "0",
+                   "--learning-rate", str(LEARNING_RATE), "--max-tokens-per-gpu", "4096", "--seed", "3"], nproc=nproc)
+        metrics = [json.loads(line) for line in open(output_dir / "training_metrics.jsonl")]
+        model = AutoModelForCausalLM.from_pretrained(output_dir / "hf_format" / "samples_3", dtype=torch.float32)
+        runs[nproc] = metrics, model
+    (metrics_1, model_1), (metrics_2, model_2) = runs[1], runs[2]
+    assert [m["step"] for m in metrics_2] == [1, 2, 3]
+    for one, two in zip(metrics_1, metrics_2, strict=True):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+    assert model_1.lm_head.weight is not model_1.model.embed_tokens.weight
+    assert_same_weights(model_2, model_1, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
