@@ -112,15 +112,20 @@ def check(name, tokenizer, messages, unmask: bool = False) -> tuple[list[str], l
     return runs, warnings
 
 
-def test_multi_turn_with_system(family):
-    name, tokenizer = family
+def two_turn_chat(name: str, first_answer: str) -> list[dict]:
+    """System prompt (where the family has the role), then two user/assistant turns."""
     messages = [{"role": "system", "content": SYSTEM}] if name not in NO_SYSTEM_ROLE else []
-    messages += [
+    return messages + [
         {"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": "The capital of France is Paris."},
+        {"role": "assistant", "content": first_answer},
         {"role": "user", "content": "And of Spain?"},
         {"role": "assistant", "content": "Madrid."},
     ]
+
+
+def test_multi_turn_with_system(family):
+    name, tokenizer = family
+    messages = two_turn_chat(name, "The capital of France is Paris.")
     eot = probe_template(tokenizer).eot
     last = "<think>\n\n</think>\n\n" if name == "qwen3" else ""  # Qwen3 adds an empty think block to the last turn
     runs, warnings = check(name, tokenizer, messages)
@@ -194,13 +199,7 @@ def test_reasoning_fields(family):
 def test_unmask(family):
     """User contents are trained as rendered (tokens that overlap them), never the system prompt or headers."""
     name, tokenizer = family
-    messages = [{"role": "system", "content": SYSTEM}] if name not in NO_SYSTEM_ROLE else []
-    messages += [
-        {"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": "Paris."},
-        {"role": "user", "content": "And of Spain?"},
-        {"role": "assistant", "content": "Madrid."},
-    ]
+    messages = two_turn_chat(name, "Paris.")
     eot = probe_template(tokenizer).eot
     last = "<think>\n\n</think>\n\n" if name == "qwen3" else ""
     runs, _ = check(name, tokenizer, messages, unmask=True)
