@@ -221,7 +221,6 @@ def validate(config: TrainConfig) -> list[str]:
     return problems
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Optimizer and schedule
 
@@ -327,8 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         held_out = ", after the validation split" if config.validation_split is not None else ""
         fail_distributed(f"--batch-size {config.batch_size} is larger than the dataset "
                          f"({len(train_ids)} usable samples{held_out}); lower it")
-    # The schedule always spans the epochs; --max-steps only stops early, so a run stopped by it and resumed
-    # follows the same LR curve as one that never stopped.
+    # The schedule spans every epoch; --max-steps only stops early, so a stopped and resumed run keeps its LR curve.
     total_steps = math.ceil(len(train_ids) / config.batch_size) * config.num_epochs
     stop_step = min(total_steps, config.max_steps or total_steps)
     run_params = {**dataclasses.asdict(config), "world_size": d.world_size, "total_steps": total_steps,
@@ -396,21 +394,20 @@ def main(argv: list[str] | None = None) -> None:
         if progress.step >= stop_step:
             break
         step_start = time.time()
-        epoch, batch_index, batch_ids = packed.epoch, packed.batch_index, packed.sample_ids
         metrics = train_step(wrapper, optimizer, scheduler, packed, config, d,
                              inject_nan=progress.step + 1 in nan_steps)
         progress.step += 1
-        progress.epoch, progress.batch_index = epoch, batch_index + 1
+        progress.epoch, progress.batch_index = packed.epoch, packed.batch_index + 1
         progress.samples_seen += metrics["num_samples"]
         progress.bad_steps += metrics["skipped"]
         progress.bad_steps_in_a_row = progress.bad_steps_in_a_row + 1 if metrics["skipped"] else 0
         step, step_time = progress.step, time.time() - step_start
-        flops = step_flops(model_config, data.lengths[batch_ids])
+        flops = step_flops(model_config, data.lengths[packed.sample_ids])
         eval_due = validation is not None and (step == stop_step or evaluation_due(
             progress.samples_seen, metrics["num_samples"], config.eval_every_samples))
         metrics.update(
-            step=step, epoch=epoch, bad_steps=progress.bad_steps, tokens_per_second=metrics["num_tokens"] / step_time,
-            mfu=flops / step_time / (peak_flops * d.world_size) if peak_flops else None,
+            step=step, bad_steps=progress.bad_steps, tokens_per_second=metrics["num_tokens"] / step_time,
+            epoch=packed.epoch, mfu=flops / step_time / (peak_flops * d.world_size) if peak_flops else None,
             peak_memory_gb=torch.cuda.max_memory_allocated(d.device) / 1e9 if d.device.type == "cuda" else None,
             eval_loss=evaluate(wrapper, validation, d) if eval_due else None, elapsed_s=time.time() - loop_start,
         )
