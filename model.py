@@ -325,14 +325,6 @@ def apply_liger(model: torch.nn.Module) -> None:
                                     fused_linear_cross_entropy=False)
 
 
-def apply_compile(model: torch.nn.Module) -> None:
-    """Regional torch.compile, in place of Liger's layer kernels: each decoder layer's forward is compiled, one
-    graph that every layer reuses (same code), with the sequence length dynamic so that rows of any length share
-    it. Norms, RoPE, SwiGLU and residual adds become a few fused kernels; FSDP's hooks stay outside."""
-    for layer in decoder_layers(model):
-        layer.forward = torch.compile(layer.forward, dynamic=True)
-
-
 def activation_bytes_per_token(model_config) -> int:
     """bf16 activations a decoder layer keeps for backward per token, about 2 bytes x (6 x hidden + 3 x
     intermediate) (attention inputs and outputs, norms, MLP inputs); measured 68 kB for Qwen2.5-1.5B with Liger

@@ -227,8 +227,13 @@ def apply_levers(args) -> None:
                 False, False, None, None, chunk_mem_const)[0]
 
         model.LinearCrossEntropySum.apply = liger_flce
-    if args.compile_layers:  # torch.compile of each decoder layer instead of Liger's layer kernels
-        train.apply_liger = model.apply_compile
+    if args.compile_layers:  # a lever tried and not kept (BENCHMARKS.md): compiled decoder layers instead of Liger's
+        def compile_layers(module: torch.nn.Module) -> None:
+            """Each decoder layer's forward compiled, one graph that every layer reuses, the length dynamic."""
+            for layer in model.decoder_layers(module):
+                layer.forward = torch.compile(layer.forward, dynamic=True)
+
+        train.apply_liger = compile_layers
     if args.keep_gathered:  # no resharding after forward on one GPU (FSDP2 keeps the bf16 weights gathered)
         original_fully_shard = model.fully_shard
         model.fully_shard = lambda module, **k: original_fully_shard(module, **{**k, "reshard_after_forward": False})
