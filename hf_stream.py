@@ -24,9 +24,12 @@ MAX_SHARD_BYTES = 5 * 10**9  # as save_pretrained(max_shard_size="5GB")
 def saved_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The parameters and persistent buffers a Hugging Face checkpoint of `model` holds, by their saved name: tied
     weights once (the name transformers keeps). None when transformers renames or merges weights on save (MoE
-    experts), which needs all of them at once."""
-    from transformers.core_model_loading import revert_weight_conversion
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    experts), which needs all of them at once, or when this transformers lacks the helpers that say so."""
+    try:  # transformers' own rules for what save_pretrained keeps; a version without them falls back to it
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:
+        return None
 
     # Meta stand-ins: transformers finds tied weights through the model's own parameter objects for meta tensors.
     meta = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in model.state_dict().items()}
