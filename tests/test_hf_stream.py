@@ -1,6 +1,7 @@
 """The streamed Hugging Face save against save_pretrained: same tensors, same names, tied weights kept tied."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -60,3 +61,11 @@ def test_shard_plan_keeps_order_and_bound():
     sizes = {"a": 4, "b": 4, "c": 10, "d": 1, "e": 1}
     assert hf_stream.plan_shards(sizes, max_shard_bytes=8) == [["a", "b"], ["c"], ["d", "e"]]
     assert hf_stream.plan_shards(sizes, max_shard_bytes=100) == [["a", "b", "c", "d", "e"]]
+
+
+def test_a_transformers_without_the_helpers_falls_back_to_save_pretrained(monkeypatch):
+    """saved_tensors says "save it whole" (None) rather than raising, so every save does not fail."""
+    model = build_tiny_model(300)
+    assert hf_stream.saved_tensors(model) is not None
+    monkeypatch.setitem(sys.modules, "transformers.core_model_loading", None)  # import raises
+    assert hf_stream.saved_tensors(model) is None
