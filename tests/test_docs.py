@@ -1,5 +1,6 @@
 """The README and the Makefile say what the scripts do: every flag is documented, and `make demo` can run again."""
 
+import os
 import re
 import subprocess
 import sys
@@ -24,8 +25,10 @@ def test_every_flag_is_in_the_readme(script):
 
 def dry_run(target: str) -> str:
     """The commands `make TARGET` would run, without running them."""
-    output = subprocess.run(["make", "-n", "-B", target], cwd=REPO_ROOT, capture_output=True, text=True,
-                            check=True).stdout
+    # Run from `make test` too: a nested make would inherit its flags and print "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    output = subprocess.run(["make", "--no-print-directory", "-n", "-B", target], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, check=True).stdout
     return output.replace("\\\n", " ")  # one line per command
 
 
