@@ -341,16 +341,16 @@ def save_hf_checkpoint(wrapper: torch.nn.Module, tokenizer, output_dir: str | os
     try:
         if d.rank == 0:
             with atomic_directory(path) as tmp:
-                model.config.dtype = save_dtype  # the training copy is fp32; the checkpoint is in the original dtype
                 if full_tensors is not None:
                     write_weights(tmp, tensors, save_dtype, full_tensors)
-                    model.config.save_pretrained(tmp)
                     if model.generation_config is not None:
                         model.generation_config.save_pretrained(tmp)
                 else:
                     state_dict = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
                     model.save_pretrained(tmp, state_dict=state_dict, max_shard_size="5GB")
-                    model.config.save_pretrained(tmp)
+                # The training copy is fp32 (save_pretrained writes that into config.dtype): say the original dtype.
+                model.config.dtype = save_dtype
+                model.config.save_pretrained(tmp)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
             print0(f"saved {path}")

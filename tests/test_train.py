@@ -8,6 +8,7 @@ from conftest import run_train, write_tokenized_samples
 from transformers import AutoModelForCausalLM
 
 import train
+from tiny_model import save_tiny_model
 
 
 def test_warmup_rises_linearly_from_zero():
@@ -84,22 +85,25 @@ def test_architectures_train_a_step(tmp_path, tiny_tokenizer, arch):
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf_format" / "samples_16")
 
 
-def test_checkpoint_keeps_the_original_dtype_and_generation_config(tmp_path, tiny_model_dir, tiny_tokenizer):
-    model_dir = tmp_path / "bf16-model"
-    source = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3_moe"])  # streamed save, and save_pretrained's (merged experts)
+def test_checkpoint_keeps_the_original_dtype_and_generation_config(tmp_path, tiny_tokenizer, arch):
+    model_dir = save_tiny_model(tmp_path / "model", arch=arch)
+    source = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     source.generation_config.update(do_sample=True, temperature=0.3, top_p=0.7, eos_token_id=[2, 0])
     source.save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
     data = write_tokenized_samples(tmp_path / "data.jsonl", tiny_tokenizer, num_samples=4)
-    run_train(base_args(data, model_dir, tmp_path / "run", "--batch-size", "4", "--max-tokens-per-gpu", "128"))
-    checkpoint = tmp_path / "run" / "hf_format" / "samples_4"
-    assert json.loads((checkpoint / "config.json").read_text())["dtype"] == "bfloat16"
-    generation_config = json.loads((checkpoint / "generation_config.json").read_text())
-    assert generation_config["temperature"] == 0.3 and generation_config["eos_token_id"] == [2, 0]
+    run_train(base_args(data, model_dir, tmp_path / "run", "--batch-size", "2", "--max-tokens-per-gpu", "128",
+                        "--min-samples-per-checkpoint", "2"))
     from safetensors import safe_open
 
-    with safe_open(checkpoint / "model.safetensors", "pt") as f:
-        assert all(f.get_tensor(name).dtype == torch.bfloat16 for name in f.keys())
+    for samples in (2, 4):  # the second save too: the first must not leave the training copy's dtype behind
+        checkpoint = tmp_path / "run" / "hf_format" / f"samples_{samples}"
+        assert json.loads((checkpoint / "config.json").read_text())["dtype"] == "bfloat16"
+        generation_config = json.loads((checkpoint / "generation_config.json").read_text())
+        assert generation_config["temperature"] == 0.3 and generation_config["eos_token_id"] == [2, 0]
+        for file in checkpoint.glob("*.safetensors"):
+            with safe_open(file, "pt") as f:
+                assert all(f.get_tensor(name).dtype == torch.bfloat16 for name in f.keys())
 
 
 def test_untokenized_input_says_run_process_data(tmp_path, tiny_model_dir):
