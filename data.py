@@ -3,11 +3,11 @@ memory-maps, and packed into padding-free rows whose samples never see each othe
 
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ import torch
 
 from distributed import Dist, fail_distributed, first_error
 from sampler import distribute_batch
-from utils import InputError, iter_jsonl_lines, parse_json_line, print0
+from utils import InputError, iter_jsonl_lines, parse_json_line, print0, temporary_path
 
 
 @dataclass
@@ -30,8 +30,8 @@ class TokenizedData:
     num_loss_tokens: np.ndarray  # per sample: labels that are predicted, i.e. labels[1:] != -100
     fingerprint: str = ""  # sha1 of the arrays: a resumed run checks it trains on the same samples
 
-    @property
-    def lengths(self) -> np.ndarray:
+    @functools.cached_property
+    def lengths(self) -> np.ndarray:  # computed once: every step reads it
         return np.diff(self.offsets)
 
     def __len__(self) -> int:
@@ -115,7 +115,8 @@ def save_cache(cache_dir: Path, arrays: dict[str, np.ndarray], meta: dict) -> No
     ever reads a folder that is being swapped."""
     try:
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", suffix=".tmp", dir=cache_dir.parent))
+        tmp = temporary_path(cache_dir)
+        os.mkdir(tmp, 0o777)  # the umask applies, as for every output (utils.atomic_directory)
         try:
             for name, array in arrays.items():
                 np.save(tmp / f"{name}.npy", array)

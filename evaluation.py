@@ -1,5 +1,5 @@
-"""The validation loss: held-out samples (a seeded split of the training data, or another tokenized file), packed
-once the way training steps are, and their exact mean cross-entropy over all ranks."""
+"""The validation loss: held-out samples (a seeded split of the training data, or another tokenized file), split
+once over ranks and micro-batches the way training steps are, and their exact mean cross-entropy over all ranks."""
 
 from dataclasses import dataclass
 
@@ -38,7 +38,8 @@ class ValidationSet:
 
 def pack_validation_set(data: TokenizedData, ids: np.ndarray, batch_size: int, max_tokens_per_gpu: int,
                         world_size: int) -> ValidationSet:
-    """Packs the samples `ids` once, in chunks of a training batch, with the training packer."""
+    """Splits the samples `ids` once, in chunks of a training batch, with the training packer; each evaluation
+    builds the rows again from these plans."""
     chunks = [ids[i:i + batch_size].tolist() for i in range(0, len(ids), batch_size)]
     plans = [distribute_batch(chunk, data.lengths, world_size, max_tokens_per_gpu) for chunk in chunks]
     return ValidationSet(data, plans, int(data.num_loss_tokens[ids].sum()))
@@ -48,7 +49,7 @@ def training_and_validation(data: TokenizedData, validation_data: TokenizedData 
                             seed: int, batch_size: int, max_tokens_per_gpu: int,
                             d: Dist) -> tuple[np.ndarray, ValidationSet | None]:
     """The ids of the samples to train on, and the validation samples (held out of `data` by `split`, or all of
-    `validation_data`), packed once for every evaluation."""
+    `validation_data`), split into micro-batches once for every evaluation."""
     if split is not None:
         train_ids, held_out_ids = split_validation(len(data), split, seed)
         validation_data = data

@@ -214,7 +214,6 @@ class RunReport:
         self.first_step, self.stop_step = first_step, stop_step
         self.failed: set[str] = set()  # what stopped working, warned about once
         self.last: dict = {}
-        self.last_eval_loss: float | None = None
         self.totals = {"steps": 0, "samples": 0, "tokens": 0, "step_seconds": 0.0, "flops": 0.0}
         self.metrics_file = None  # opened at the first line
         self.tracker: Tracker | None = None
@@ -252,8 +251,6 @@ class RunReport:
         self.totals["step_seconds"] += step_seconds
         self.totals["flops"] += flops
         self.last = metrics
-        if metrics.get("eval_loss") is not None:
-            self.last_eval_loss = metrics["eval_loss"]
         if not self.enabled:
             return
         self._try(f"writing {METRICS_FILE}", self._write_line, metrics)
@@ -285,8 +282,8 @@ class RunReport:
         mfu = (f"{100 * t['flops'] / t['step_seconds'] / peak_flops_all_ranks:.1f}%"
                if peak_flops_all_ranks and t["step_seconds"] else "n/a (no known GPU peak)")
         losses = f"final loss {self.last['loss']:.4f}" if self.last else "no step taken"
-        if self.last_eval_loss is not None:
-            losses += f", eval loss {self.last_eval_loss:.4f}"
+        if self.progress.last_eval_loss is not None:  # the display keeps the latest
+            losses += f", eval loss {self.progress.last_eval_loss:.4f}"
         return "\n".join([
             f"{stop_reason} at step {step} of {total_steps}: {t['steps']} steps in this run, {t['samples']:,} "
             f"samples, {t['tokens']:,} tokens, {format_duration(wall_seconds)} wall time",
