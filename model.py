@@ -46,19 +46,27 @@ def softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
+def summed_in_chunks(rows: torch.Tensor, targets: torch.Tensor, to_logits, zero: torch.Tensor,
+                     chunk_size: int) -> torch.Tensor:
+    """`zero` plus the sum of CE of to_logits(chunk) over chunks of `rows`; each chunk is recomputed in backward, so
+    at most one chunk of fp32 logits exists at a time."""
+
+    def chunk_loss(chunk: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(to_logits(chunk), t, reduction="sum")
+
+    total = zero
+    for start in range(0, rows.shape[0], chunk_size):
+        end = start + chunk_size
+        total = total + checkpoint(chunk_loss, rows[start:end], targets[start:end], use_reentrant=False)
+    return total
+
+
 def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                               softcap: float | None, chunk_size: int = 4096) -> torch.Tensor:
-    """Sum of CE over rows of `hidden`, one chunk of logits at a time; each chunk is recomputed in backward."""
-
-    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(softcapped((h @ weight.T).float(), softcap), t, reduction="sum")
-
+    """Sum of CE over rows of `hidden`, one chunk of logits `hidden @ weight.T` at a time."""
     # Zero, but it keeps the LM head in the graph with no loss token: every rank must reduce its gradient (FSDP).
-    total = (hidden[:0] @ weight.T).sum()
-    for start in range(0, hidden.shape[0], chunk_size):
-        end = start + chunk_size
-        total = total + checkpoint(chunk_loss, hidden[start:end], targets[start:end], use_reentrant=False)
-    return total
+    zero = (hidden[:0] @ weight.T).sum()
+    return summed_in_chunks(hidden, targets, lambda h: softcapped((h @ weight.T).float(), softcap), zero, chunk_size)
 
 
 class LinearCrossEntropySum(torch.autograd.Function):
@@ -111,16 +119,9 @@ def next_power_of_2(n: int) -> int:
 
 
 def logits_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-    """Sum of CE over rows of the model's own logits, upcast to fp32 one chunk at a time (recomputed in backward)."""
-
-    def chunk_loss(chunk: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(chunk.float(), t, reduction="sum")
-
-    total = logits[:0].sum()  # zero, but it keeps the head in the graph with no loss token
-    for start in range(0, logits.shape[0], chunk_size):
-        end = start + chunk_size
-        total = total + checkpoint(chunk_loss, logits[start:end], targets[start:end], use_reentrant=False)
-    return total
+    """Sum of CE over rows of the model's own logits, upcast to fp32 one chunk at a time."""
+    zero = logits[:0].sum()  # zero, but it keeps the head in the graph with no loss token
+    return summed_in_chunks(logits, targets, lambda chunk: chunk.float(), zero, chunk_size)
 
 
 def forward_with_hidden(model: torch.nn.Module, **kwargs):
@@ -409,8 +410,6 @@ def materialize_weights(wrapper: CausalLMWithSummedLoss, full_state_dict: dict, 
         if d.rank == 0:
             buffer.copy_(buffers[name].to(d.device))
         dist.broadcast(buffer, src=0)
-
-
 
 
 def clip_grad_norm(wrapper: torch.nn.Module, max_norm: float) -> torch.Tensor:

@@ -84,8 +84,6 @@ def family(request, real_tokenizers_dir):
     return request.param, _load(str(real_tokenizers_dir), request.param)
 
 
-
-
 def check(name, tokenizer, messages, unmask: bool = False) -> tuple[list[str], list[str]]:
     """Tokenizes; checks input_ids against apply_chat_template and that nothing but assistant turns (and with
     `unmask` user and tool contents) is trained. Returns the trained runs and the warnings."""

@@ -21,8 +21,6 @@ EOT = "<|im_end|>"
 TOOL_CALL = {"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 
 
-
-
 def tokenize(tokenizer, messages):
     input_ids, labels, _ = tokenize_sample(tokenizer, probe_template(tokenizer), {"messages": messages})
     assert input_ids == tokenizer.apply_chat_template(messages, return_dict=False)
